@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from scalept.atomic import atomic_path
+from scalept.errors import ScalePTError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ _INVERSE_MAP = np.array([ids[0] for ids in CLASS_RAW_IDS.values()], dtype=np.uin
 _warned_raw_ids: set[int] = set()
 
 
-class ScanError(ValueError):
+class ScanError(ScalePTError, ValueError):
     """A file of the dataset is missing or malformed; the message names it and the fix."""
 
 

@@ -1,0 +1,1 @@
+"""Dataset preparation and tiling: the work of ScalePT's preprocessing array jobs."""

@@ -1,0 +1,203 @@
+"""The preprocessing stage: tile every frame of the chosen splits into HDF5.
+
+Work is cut into units of (sequence, chunk of frames). Inside a Slurm array job
+(``SLURM_ARRAY_TASK_ID`` set, i.e. ``preprocess.task_id``) one process does one
+unit; otherwise every unit runs here. A unit writes a part file
+``<tiles_dir>/<sampling>/<SS>.parts/<first>-<end>.h5``; whichever task finishes
+the last part of a sequence merges the parts into ``<SS>.h5`` (two tasks racing
+there both write the same bytes under private temporary names, and the rename
+is atomic). Every write is atomic and finished work is skipped, so a rerun or a
+requeued task continues where the last one stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from preprocessing.tiling import make_tiles
+from scalept.errors import ConfigError
+from scalept.data.semantickitti import IGNORE_INDEX, Sequence
+from scalept.data.tiles import (FrameTiles, TileFile, TileFileError, is_complete, merge_tile_files,
+                                tile_file_path, write_tile_file)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Frames ``[start, stop)`` of one sequence: the work of one array task."""
+
+    sequence: str
+    start: int
+    stop: int
+
+    @property
+    def part_name(self) -> str:
+        return f"{self.start:06d}-{self.stop:06d}.h5"
+
+
+def sequences_of(cfg: DictConfig) -> list[str]:
+    """Sequences of the splits named in ``preprocess.splits``, in a stable order."""
+    names: list[str] = []
+    for split in cfg.preprocess.splits:
+        if split not in cfg.dataset.splits:
+            raise ConfigError(f"preprocess.splits names {split!r}, but dataset.splits has only "
+                           f"{', '.join(cfg.dataset.splits)}; fix one of the two")
+        names += [str(s) for s in cfg.dataset.splits[split] if str(s) not in names]
+    return names
+
+
+def plan_units(cfg: DictConfig) -> list[Unit]:
+    """Every (sequence, chunk) unit; array task i does unit i, so the order must be stable."""
+    return [unit for name in sequences_of(cfg) for unit in sequence_units(cfg, name)]
+
+
+def sequence_units(cfg: DictConfig, sequence_name: str) -> list[Unit]:
+    per_task = int(cfg.preprocess.frames_per_task)
+    if per_task < 1:
+        raise ConfigError(f"preprocess.frames_per_task={per_task} must be >= 1")
+    n = len(Sequence(cfg.dataset.root, sequence_name))
+    return [Unit(sequence_name, lo, min(n, lo + per_task)) for lo in range(0, n, per_task)]
+
+
+def _parts_dir(cfg: DictConfig, sequence: str) -> Path:
+    final = tile_file_path(cfg.tiles_dir, cfg.sampling.name, sequence)
+    return final.with_suffix(".parts")
+
+
+def _attrs(cfg: DictConfig, sequence: str, has_labels: bool) -> dict:
+    return {
+        "sampling": OmegaConf.to_container(cfg.sampling, resolve=True),
+        "crop": OmegaConf.to_container(cfg.preprocess.crop, resolve=True),
+        "sequence": sequence,
+        "dataset_root": str(Path(cfg.dataset.root).resolve()),
+        "has_labels": has_labels,
+    }
+
+
+def _check_same_parameters(path: Path, attrs: dict) -> None:
+    built = TileFile(path).attrs
+    for key in ("sampling", "crop"):
+        if built.get(key) != attrs[key]:
+            raise TileFileError(
+                f"{path}: built with {key}={json.dumps(built.get(key))}, but this run asks for "
+                f"{json.dumps(attrs[key])}; delete the file or set another tiles_dir"
+            )
+
+
+def crop_mask(points: np.ndarray, crop: Mapping) -> np.ndarray:
+    """Points kept for tiling: horizontal range within [min_range, max_range] (null: no bound)."""
+    r = np.hypot(points[:, 0], points[:, 1])
+    keep = np.ones(len(points), dtype=bool)
+    if crop.get("min_range") is not None:
+        keep &= r >= float(crop["min_range"])
+    if crop.get("max_range") is not None:
+        keep &= r <= float(crop["max_range"])
+    return keep
+
+
+def frame_rng(seed: int, sequence: str, frame_id: str) -> np.random.Generator:
+    """Per-frame generator: the same tiles whatever chunk or task the frame falls in."""
+    return np.random.default_rng([int(seed), zlib.crc32(f"{sequence}/{frame_id}".encode())])
+
+
+def tile_frame(points: np.ndarray, sampling: Mapping, crop: Mapping, rng: np.random.Generator) -> list[np.ndarray]:
+    """Tiles (indices into ``points``) of the points that survive the range crop."""
+    kept = np.flatnonzero(crop_mask(points, crop)).astype(np.int32)
+    return [kept[t] for t in make_tiles(points[kept, :3], sampling, rng)]
+
+
+def run_unit(cfg: DictConfig, unit: Unit) -> Path | None:
+    """Tile one unit into its part file; returns the part, or None when the sequence is already done."""
+    final = tile_file_path(cfg.tiles_dir, cfg.sampling.name, unit.sequence)
+    sequence = Sequence(cfg.dataset.root, unit.sequence)
+    attrs = _attrs(cfg, unit.sequence, sequence.has_labels)
+    if final.exists() and is_complete(final):
+        _check_same_parameters(final, attrs)
+        return None
+    part = _parts_dir(cfg, unit.sequence) / unit.part_name
+    if part.exists() and is_complete(part):
+        _check_same_parameters(part, attrs)
+        return part
+    sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
+    crop = attrs["crop"]
+    frames = []
+    for index in range(unit.start, unit.stop):
+        frame = sequence.frame(index)
+        frame_id = sequence.scans[index].stem
+        labels = frame.labels if frame.labels is not None else np.full(len(frame.points), IGNORE_INDEX)
+        tiles = tile_frame(frame.points, sampling, crop, frame_rng(sampling.get("seed", 0), unit.sequence, frame_id))
+        frames.append(FrameTiles(frame_id, frame.points, labels, tiles))
+    write_tile_file(part, frames, attrs)
+    return part
+
+
+def merge_if_complete(cfg: DictConfig, sequence_name: str) -> bool:
+    """Merge the sequence's parts into its tile file once every part exists; True when it is done."""
+    final = tile_file_path(cfg.tiles_dir, cfg.sampling.name, sequence_name)
+    if final.exists() and is_complete(final):
+        return True
+    parts = [_parts_dir(cfg, sequence_name) / u.part_name for u in sequence_units(cfg, sequence_name)]
+    if not all(p.exists() and is_complete(p) for p in parts):
+        return False
+    if len(parts) == 1:  # nothing to concatenate: the part already is the sequence's file
+        os.replace(parts[0], final)
+        shutil.rmtree(_parts_dir(cfg, sequence_name), ignore_errors=True)
+        return True
+    sequence = Sequence(cfg.dataset.root, sequence_name)
+    try:
+        merge_tile_files(parts, final, _attrs(cfg, sequence_name, sequence.has_labels))
+    except (FileNotFoundError, TileFileError):
+        if final.exists() and is_complete(final):  # another task merged and removed the parts first
+            return True
+        raise
+    shutil.rmtree(_parts_dir(cfg, sequence_name), ignore_errors=True)
+    return True
+
+
+def run(cfg: DictConfig) -> list[Path]:
+    """The stage: one unit when ``preprocess.task_id`` is set (array task), else all of them."""
+    units = plan_units(cfg)
+    task_id = cfg.preprocess.get("task_id")
+    if task_id is not None:
+        task_id = int(task_id)
+        if not 0 <= task_id < len(units):
+            raise ConfigError(f"preprocess.task_id={task_id} (SLURM_ARRAY_TASK_ID) is outside the {len(units)} "
+                             f"units of this configuration; submit the array as --array=0-{len(units) - 1}")
+        todo = [units[task_id]]
+    else:
+        todo = units
+        log.info("preprocess: %d units (sequence x %d frames); as a Slurm array: --array=0-%d",
+                 len(units), cfg.preprocess.frames_per_task, len(units) - 1)
+    started = time.perf_counter()
+    frames = 0
+    for unit in _progress(todo, cfg):
+        if run_unit(cfg, unit) is not None:
+            frames += unit.stop - unit.start
+    finished = []
+    for name in dict.fromkeys(u.sequence for u in todo):
+        if merge_if_complete(cfg, name):
+            finished.append(tile_file_path(cfg.tiles_dir, cfg.sampling.name, name))
+    elapsed = time.perf_counter() - started
+    log.info("preprocess: sampling=%s tiled %d frames in %.1f s; %d tile files complete under %s",
+             cfg.sampling.name, frames, elapsed, len(finished), Path(cfg.tiles_dir) / cfg.sampling.name)
+    return finished
+
+
+def _progress(units: list[Unit], cfg: DictConfig):
+    if len(units) > 1 and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(units, desc=f"tiling ({cfg.sampling.name})", unit="chunk")
+    return units

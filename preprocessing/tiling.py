@@ -1,0 +1,230 @@
+"""Tiling strategies: cut one frame into tiles of at most ``max_points`` points.
+
+A tile is an ascending int32 array of point indices into the frame. Tiles may
+overlap; every point handed to :func:`make_tiles` is in at least one tile (the
+range crop happens before, in :mod:`preprocessing.preprocess`). DESIGN.md defines
+each strategy; the parameters come from ``conf/sampling/<name>.yaml``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from scalept.errors import ConfigError
+from scalept.serialization import encode
+
+STRATEGIES = ("none", "block", "hilbert", "knn", "fps_knn", "voxel_knn", "kdtree_knn", "nuc_knn")
+
+
+def _param(cfg: Mapping, key: str, kind=float, minimum=None, below=None):
+    if cfg.get(key) is None:
+        raise ConfigError(f"sampling.{key} is required for sampling={cfg.get('name')}; set it in the config")
+    value = kind(cfg[key])
+    if (minimum is not None and value < minimum) or (below is not None and value >= below):
+        bound = f">= {minimum}" if minimum is not None else ""
+        bound += (" and " if bound and below is not None else "") + (f"< {below}" if below is not None else "")
+        raise ConfigError(f"sampling.{key}={value} is out of range for sampling={cfg.get('name')}: it must be {bound}")
+    return value
+
+
+def make_tiles(xyz: np.ndarray, cfg: Mapping, rng: np.random.Generator) -> list[np.ndarray]:
+    """Tiles of the (N, 3) points ``xyz`` by the strategy ``cfg['name']``."""
+    name = cfg.get("name")
+    if name not in STRATEGIES:
+        raise ConfigError(f"sampling.name={name!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+    n = len(xyz)
+    if n == 0:
+        return []
+    if name == "none":
+        return [np.arange(n, dtype=np.int32)]
+    max_points = _param(cfg, "max_points", int, minimum=1)
+    if n <= max_points:
+        return [np.arange(n, dtype=np.int32)]
+    if name == "block":
+        tiles = block_tiles(xyz, _param(cfg, "block_size", minimum=1e-3), _param(cfg, "overlap", minimum=0.0), max_points)
+    elif name == "hilbert":
+        overlap = _param(cfg, "overlap", int, minimum=0, below=max_points)
+        tiles = hilbert_tiles(xyz, _param(cfg, "resolution", minimum=1e-4), max_points, overlap)
+    else:
+        xyz32 = np.ascontiguousarray(xyz, dtype=np.float32)
+        seeds = _SEED_RULES[name](xyz32, cfg, rng)
+        tiles = knn_tiles(xyz32, max_points, seeds, rng, farthest=name == "fps_knn")
+    return [_ascending(t, n) for t in tiles]
+
+
+def _ascending(tile: np.ndarray, n: int) -> np.ndarray:
+    """The tile's indices in ascending order (the stored, canonical form); O(N), not a sort."""
+    member = np.zeros(n, dtype=bool)
+    member[tile] = True
+    return np.flatnonzero(member).astype(np.int32)
+
+
+# --- block -------------------------------------------------------------------------------
+
+def block_tiles(xyz: np.ndarray, block_size: float, overlap: float, max_points: int) -> list[np.ndarray]:
+    """Square x-y blocks expanded by ``overlap``; crowded blocks split into quarters."""
+    xy = np.ascontiguousarray(xyz[:, :2], dtype=np.float64)
+    origin = np.floor(xy.min(axis=0) / block_size) * block_size
+    return _blocks(xy, np.arange(len(xy)), origin, block_size, overlap, max_points, None)
+
+
+def _blocks(xy, idx, origin, size, overlap, max_points, cells_per_side) -> list[np.ndarray]:
+    rel = (xy[idx] - origin) / size
+    cell = np.floor(rel).astype(np.int64)
+    inside = (rel - cell) * size  # metres from the cell's lower corner
+    # Each point joins its own cell (as a core point) and every neighbour whose
+    # expanded square reaches it: at most 9 (cell, point) pairs per point.
+    everyone = np.ones(len(idx), dtype=bool)
+    shift_x = {0: everyone, -1: inside[:, 0] < overlap, 1: inside[:, 0] >= size - overlap}
+    shift_y = {0: everyone, -1: inside[:, 1] < overlap, 1: inside[:, 1] >= size - overlap}
+    keys, members, core = [], [], []
+    for dx, mx in shift_x.items():
+        for dy, my in shift_y.items():
+            sel = np.flatnonzero(mx & my)
+            cx, cy = cell[sel, 0] + dx, cell[sel, 1] + dy
+            if cells_per_side is not None:
+                ok = (cx >= 0) & (cx < cells_per_side) & (cy >= 0) & (cy < cells_per_side)
+                sel, cx, cy = sel[ok], cx[ok], cy[ok]
+            keys.append((cx << 32) + cy)
+            members.append(sel)
+            core.append(np.full(len(sel), dx == 0 and dy == 0))
+    keys, members, core = np.concatenate(keys), np.concatenate(members), np.concatenate(core)
+    order = np.argsort(keys, kind="stable")
+    keys, members, core = keys[order], members[order], core[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    ends = np.r_[starts[1:], len(keys)]
+    has_core = np.add.reduceat(core, starts) > 0
+    tiles = []
+    for start, end, key in zip(starts[has_core], ends[has_core], keys[starts[has_core]]):
+        points = idx[members[start:end]]
+        if end - start <= max_points:
+            tiles.append(points)
+        elif size / 2 >= overlap and size / 2 > 1e-3:
+            corner = origin + size * np.array([key >> 32, key & 0xFFFFFFFF], dtype=np.float64)
+            tiles += _blocks(xy, points, corner, size / 2, overlap, max_points, 2)
+        else:  # quarters would be narrower than the overlap: cut the expanded block into runs along x
+            by_x = points[np.argsort(xy[points, 0], kind="stable")]
+            tiles += np.array_split(by_x, -(-len(by_x) // max_points))
+    return tiles
+
+
+# --- hilbert -----------------------------------------------------------------------------
+
+def hilbert_tiles(xyz: np.ndarray, resolution: float, max_points: int, overlap: int) -> list[np.ndarray]:
+    """Windows of ``max_points`` consecutive points along a 3-D Hilbert curve."""
+    grid = np.floor((xyz - xyz.min(axis=0)) / resolution).astype(np.int64)
+    order = np.argsort(encode(grid, "hilbert"), kind="stable")
+    stride = max_points - overlap
+    starts = np.r_[np.arange(0, len(order) - max_points, stride), len(order) - max_points]
+    return [order[s : s + max_points] for s in starts]
+
+
+# --- knn and its seed rules --------------------------------------------------------------
+
+def knn_tiles(xyz: np.ndarray, k: int, seeds: np.ndarray, rng: np.random.Generator, farthest: bool = False) -> list[np.ndarray]:
+    """The ``k`` nearest neighbours of each seed that is still uncovered, then of extra seeds.
+
+    Candidate ``seeds`` are tried in order; once they are used up, further seeds
+    are random uncovered points, or the farthest uncovered point from all seeds
+    so far when ``farthest``. The neighbours come from a partial sort of the
+    squared distances (O(N) per seed): measured here on 120k-point scans it is
+    2.7 ms per tile against 19 ms to build a kd-tree plus 10 ms per k=40k query.
+    """
+    n = len(xyz)
+    covered = np.zeros(n, dtype=bool)
+    nearest_seed = np.full(n, np.inf, dtype=np.float32) if farthest else None
+    tiles: list[np.ndarray] = []
+    candidates = iter(seeds.tolist())
+    while not covered.all():
+        seed = next((s for s in candidates if not covered[s]), None)
+        if seed is None:
+            uncovered = np.flatnonzero(~covered)
+            if farthest:
+                seed = int(uncovered[np.argmax(nearest_seed[uncovered])])
+            else:
+                seed = int(uncovered[rng.integers(len(uncovered))])
+        diff = xyz - xyz[seed]
+        dist = np.einsum("ij,ij->i", diff, diff)
+        # Break ties in favour of uncovered points (duplicates would otherwise spawn
+        # a tile each), and keep the seed in its own tile.
+        np.nextafter(dist, np.float32(np.inf), out=dist, where=covered)
+        dist[seed] = -1.0
+        tile = np.argpartition(dist, k - 1)[:k]
+        covered[tile] = True
+        tiles.append(tile)
+        if farthest:
+            np.minimum(nearest_seed, dist, out=nearest_seed)
+    return tiles
+
+
+def _random_seed(xyz, cfg, rng) -> np.ndarray:
+    return np.empty(0, dtype=np.int64)  # every seed is drawn by knn_tiles among uncovered points
+
+
+def _fps_seed(xyz, cfg, rng) -> np.ndarray:
+    return np.array([rng.integers(len(xyz))])  # farthest-point sampling grows from one random point
+
+
+def _nearest_points(xyz: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    tree = cKDTree(xyz, balanced_tree=False, compact_nodes=False)
+    return tree.query(targets)[1]
+
+
+def _voxel_seed(xyz, cfg, rng) -> np.ndarray:
+    """Points nearest the centres of occupied coarse voxels, the most populated voxels first."""
+    size = _param(cfg, "voxel_size", minimum=1e-3)
+    voxel = np.floor(xyz / size).astype(np.int64)
+    voxel -= voxel.min(axis=0)
+    span = voxel.max(axis=0) + 1
+    keys, counts = np.unique((voxel[:, 0] * span[1] + voxel[:, 1]) * span[2] + voxel[:, 2], return_counts=True)
+    keys = keys[np.argsort(-counts, kind="stable")]
+    occupied = np.stack([keys // (span[1] * span[2]), keys // span[2] % span[1], keys % span[2]], axis=1)
+    lowest = np.floor(xyz.min(axis=0) / size)
+    return _nearest_points(xyz, (occupied + lowest + 0.5) * size)
+
+
+def _kdtree_seed(xyz, cfg, rng) -> np.ndarray:
+    """Points nearest the centroids of the leaves of a kd-tree with ``leaf_points`` per leaf."""
+    leaf_points = _param(cfg, "leaf_points", int, minimum=1)
+    tree = cKDTree(xyz, leafsize=leaf_points, balanced_tree=False, compact_nodes=False)
+    centroids, stack = [], [tree.tree]
+    while stack:
+        node = stack.pop()
+        if node.split_dim == -1:
+            centroids.append(xyz[node.indices].mean(axis=0))
+        else:
+            stack += [node.greater, node.lesser]
+    return tree.query(np.asarray(centroids))[1]
+
+
+def _nuc_seed(xyz, cfg, rng) -> np.ndarray:
+    """Points nearest the centres of range x azimuth cells whose radial size grows with range.
+
+    Ring i spans ``[r_i, r_i + first_ring * (1 + growth) ** i)``, so rings widen as
+    the LiDAR's point density falls off with distance; nearest rings come first.
+    """
+    first = _param(cfg, "first_ring", minimum=1e-3)
+    growth = _param(cfg, "ring_growth", minimum=0.0)
+    sectors = _param(cfg, "azimuth_sectors", int, minimum=1)
+    rng_xy = np.hypot(xyz[:, 0], xyz[:, 1])
+    widths = first * (1 + growth) ** np.arange(256)
+    edges = np.r_[0.0, np.cumsum(widths)]
+    ring = np.minimum(np.searchsorted(edges, rng_xy, side="right") - 1, len(widths) - 1)
+    sector = np.minimum((np.arctan2(xyz[:, 1], xyz[:, 0]) + np.pi) / (2 * np.pi) * sectors, sectors - 1).astype(np.int64)
+    cells, inverse = np.unique(ring * sectors + sector, return_inverse=True)
+    mean_z = np.bincount(inverse, weights=xyz[:, 2]) / np.bincount(inverse)
+    r_mid = (edges[cells // sectors] + edges[cells // sectors + 1]) / 2
+    theta = ((cells % sectors) + 0.5) / sectors * 2 * np.pi - np.pi
+    centres = np.stack([r_mid * np.cos(theta), r_mid * np.sin(theta), mean_z], axis=1)
+    return _nearest_points(xyz, centres)
+
+
+_SEED_RULES: dict[str, Callable[[np.ndarray, Mapping, np.random.Generator], np.ndarray]] = {
+    "knn": _random_seed,
+    "fps_knn": _fps_seed,
+    "voxel_knn": _voxel_seed,
+    "kdtree_knn": _kdtree_seed,
+    "nuc_knn": _nuc_seed,
+}

@@ -1,0 +1,9 @@
+"""Errors caused by the user's input: printed as one line, never as a traceback."""
+
+
+class ScalePTError(Exception):
+    """Bad input or configuration; the message names the file or config key and the fix."""
+
+
+class ConfigError(ScalePTError, ValueError):
+    """A config value is missing or out of range."""

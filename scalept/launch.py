@@ -1,0 +1,70 @@
+"""ScalePT's entry point: ``python -m scalept.launch [overrides]`` (Hydra).
+
+Composes ``conf/`` and runs the steps of the chosen stage in order. This module
+only dispatches: each step's work lives in its stage module, which reads and
+writes the files that DESIGN.md lists.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from scalept.errors import ConfigError, ScalePTError
+
+log = logging.getLogger("scalept")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def split_sequences(cfg: DictConfig) -> list[str]:
+    """Every sequence named in dataset.splits, each once, in order."""
+    return list(dict.fromkeys(str(s) for seqs in cfg.dataset.splits.values() for s in seqs))
+
+
+def synth(cfg: DictConfig) -> None:
+    """Generate the synthetic dataset (frames that already exist are kept)."""
+    settings = cfg.dataset.get("synthetic")
+    if settings is None:
+        if cfg.stage.name == "synth":
+            raise ConfigError(f"stage=synth needs dataset=synthetic; dataset={cfg.dataset.name} is real data")
+        log.info("dataset=%s is real data: nothing to generate", cfg.dataset.name)
+        return
+    from preprocessing.synthetic.generate import generate_dataset
+
+    frames = int(settings.frames_per_sequence)
+    generate_dataset(cfg.dataset.root, {s: frames for s in split_sequences(cfg)}, seed=int(settings.seed),
+                     azimuth_steps=int(settings.azimuth_steps), progress=sys.stderr.isatty())
+    log.info("synth: dataset ready under %s", cfg.dataset.root)
+
+
+def preprocess(cfg: DictConfig) -> None:
+    from preprocessing.preprocess import run
+
+    run(cfg)
+
+
+STEPS: dict[str, Callable[[DictConfig], None]] = {"synth": synth, "preprocess": preprocess}
+
+
+def run(cfg: DictConfig) -> None:
+    for step in cfg.stage.steps:
+        if step not in STEPS:
+            raise ConfigError(f"stage.steps names {step!r}; known steps: {', '.join(STEPS)}")
+        STEPS[step](cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ScalePTError as err:  # the user's input: one line, no traceback
+        log.error("%s", err)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
