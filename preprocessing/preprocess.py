@@ -169,6 +169,11 @@ def merge_if_complete(cfg: DictConfig, sequence_name: str) -> bool:
 def run(cfg: DictConfig) -> list[Path]:
     """The stage: one unit when ``preprocess.task_id`` is set (array task), else all of them."""
     units = plan_units(cfg)
+    if cfg.preprocess.get("dry_run"):
+        for i, unit in enumerate(units):
+            print(f"{i}\t{unit.sequence}\t{unit.start}\t{unit.stop}")
+        print(f"--array=0-{len(units) - 1}")
+        return []
     task_id = cfg.preprocess.get("task_id")
     if task_id is not None:
         task_id = int(task_id)

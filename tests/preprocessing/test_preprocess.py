@@ -154,3 +154,24 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     errors = [line for line in done.stderr.splitlines() + done.stdout.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "sequence folder not found" in errors[0] and "Traceback" not in done.stderr
     assert CONF_DIR.is_dir()
+
+
+def test_dry_run_lists_units_and_writes_nothing(compose_cfg, real_root, tmp_path, capsys):
+    cfg = real_cfg(compose_cfg, real_root, tmp_path, "preprocess.dry_run=true", "preprocess.frames_per_task=4")
+    assert run(cfg) == []
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["0\t00\t0\t4", "1\t00\t4\t6", "2\t08\t0\t2", "--array=0-2"]
+    assert not (tmp_path / "tiles").exists()
+
+
+def test_sbatch_script_runs_the_unit_of_its_array_task(real_root, tmp_path):
+    """slurm/preprocess.sbatch as an array task: Slurm's SLURM_ARRAY_TASK_ID picks the unit."""
+    script = CONF_DIR.parent / "slurm" / "preprocess.sbatch"
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_JOB_ID": "77"}
+    args = ["bash", str(script), "dataset=semantickitti", f"dataset.root={real_root}", f"data_dir={tmp_path}",
+            'dataset.splits.train=["00"]', 'dataset.splits.val=["08"]', "preprocess.frames_per_task=6"]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert is_complete(tmp_path / "tiles" / "semantickitti" / "hilbert" / "08.h5")
+    assert not (tmp_path / "tiles" / "semantickitti" / "hilbert" / "00.h5").exists()
+    assert (tmp_path / "outputs" / "preprocess" / "77" / "1").is_dir()
