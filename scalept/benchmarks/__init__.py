@@ -1,0 +1,1 @@
+"""Benchmarks: measured numbers behind the choices the project reports (speed, data realism)."""
