@@ -130,9 +130,14 @@ def knn_tiles(xyz: np.ndarray, k: int, seeds: np.ndarray, rng: np.random.Generat
     are random uncovered points, or the farthest uncovered point from all seeds
     so far when ``farthest``. The neighbours come from a partial sort of the
     squared distances (O(N) per seed): measured here on 120k-point scans it is
-    2.7 ms per tile against 19 ms to build a kd-tree plus 10 ms per k=40k query.
+    about 1 ms per tile against 13-19 ms to build a kd-tree plus 10 ms per k=40k
+    query. Distances are summed over contiguous coordinate columns, which numpy
+    does several times faster than a row-wise reduction over (N, 3).
     """
     n = len(xyz)
+    columns = np.ascontiguousarray(xyz.T)
+    dist = np.empty(n, dtype=np.float32)
+    term = np.empty(n, dtype=np.float32)
     covered = np.zeros(n, dtype=bool)
     nearest_seed = np.full(n, np.inf, dtype=np.float32) if farthest else None
     tiles: list[np.ndarray] = []
@@ -145,8 +150,11 @@ def knn_tiles(xyz: np.ndarray, k: int, seeds: np.ndarray, rng: np.random.Generat
                 seed = int(uncovered[np.argmax(nearest_seed[uncovered])])
             else:
                 seed = int(uncovered[rng.integers(len(uncovered))])
-        diff = xyz - xyz[seed]
-        dist = np.einsum("ij,ij->i", diff, diff)
+        np.subtract(columns[0], columns[0, seed], out=dist)
+        np.square(dist, out=dist)
+        for axis in (1, 2):
+            np.subtract(columns[axis], columns[axis, seed], out=term)
+            dist += np.square(term, out=term)
         # Break ties in favour of uncovered points (duplicates would otherwise spawn
         # a tile each), and keep the seed in its own tile.
         np.nextafter(dist, np.float32(np.inf), out=dist, where=covered)
@@ -168,7 +176,8 @@ def _fps_seed(xyz, cfg, rng) -> np.ndarray:
 
 
 def _nearest_points(xyz: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    tree = cKDTree(xyz, balanced_tree=False, compact_nodes=False)
+    # Few queries: large leaves make the tree cheap to build (13 ms vs 19 ms on 120k points).
+    tree = cKDTree(xyz, leafsize=1024, balanced_tree=False, compact_nodes=False)
     return tree.query(targets)[1]
 
 
