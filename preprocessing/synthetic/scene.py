@@ -1,0 +1,222 @@
+"""A procedural street: road geometry, the labelled ground map, the objects along it and the ego trajectory.
+
+The street is endless along its road and cut into blocks of :data:`BLOCK_LENGTH` metres.
+Each block draws its layout from its own random stream (seed, sequence, block index)
+and is built on first use, so a frame depends only on (seed, sequence, frame index) and
+never on which other frames were rendered before it. Everything here is in the world
+frame: the road runs along +x and the ego vehicle starts at x = 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .primitives import LANE_MARKING, PARKING, ROAD, SIDEWALK, TERRAIN, Parts, rng_for
+
+BLOCK_LENGTH = 40.0
+SENSOR_HEIGHT = 1.73   # HDL-64E above the road on the KITTI car
+CURB_HEIGHT = 0.14     # sidewalks (and most terrain) stand this much above the road
+PARKING_WIDTH = 2.4
+LOW_TERRAIN = -0.35    # terrain below the road (lawns and verges sloping away)
+GROUND_LEVELS = (CURB_HEIGHT, 0.0, LOW_TERRAIN)   # every surface height of the ground map, highest first
+MAX_MOVER_WINDOW = 40.0
+
+
+@dataclass
+class Road:
+    """A gently winding centre line y = A·sin(2πx/P + φ) over gently rolling ground.
+
+    The ground height is a grade plus a long sine along world x, so distant ground sits a
+    little above or below the sensor's horizon as in real drives.
+    """
+
+    amplitude: float
+    period: float
+    phase: float
+    grade: float
+    hill: float = 0.0
+    hill_period: float = 300.0
+    hill_phase: float = 0.0
+
+    def _angle(self, x):
+        return 2 * np.pi * x / self.period + self.phase
+
+    def _axes(self, x):
+        """Centre-line y, and cosine and sine of the road heading, at road coordinate x."""
+        angle = self._angle(x)
+        slope = self.amplitude * 2 * np.pi / self.period * np.cos(angle)
+        c = 1.0 / np.sqrt(1.0 + slope * slope)
+        return self.amplitude * np.sin(angle), c, slope * c
+
+    def to_world(self, x, d):
+        """World (x, y) and road heading of the point at lateral offset d (left positive) from the centre at x."""
+        y, c, s = self._axes(x)
+        return x - d * s, y + d * c, np.arctan2(s, c)
+
+    def to_road(self, xw, yw):
+        """Road coordinates (x, d) of world points: the inverse of :meth:`to_world`, by fixed-point steps."""
+        x = np.asarray(xw, dtype=np.float64)
+        for _ in range(2):
+            y, c, s = self._axes(x)
+            x = x + ((xw - x) * c + (yw - y) * s) * c
+        y, c, s = self._axes(x)
+        return x, (yw - y) * c - (xw - x) * s
+
+    def height(self, xw):
+        return self.profile(xw)[0]
+
+    def slope(self, xw):
+        """dz/dx of the ground along world x."""
+        return self.profile(xw)[1]
+
+    def profile(self, xw):
+        """Ground height of the road surface and its slope along world x."""
+        w = 2 * np.pi / self.hill_period
+        angle = w * xw + self.hill_phase
+        return self.grade * xw + self.hill * np.sin(angle), self.grade + self.hill * w * np.cos(angle)
+
+
+@dataclass
+class Mover:
+    """An object driving or walking along the road, present only for a time window around ``t_ref``."""
+
+    parts: Parts       # in the object frame
+    x: float           # road coordinate at t_ref
+    d: float
+    level: float       # height above the road surface (0 on the road, CURB_HEIGHT on the sidewalk)
+    yaw: float         # relative to the road heading
+    speed: float       # along the road, m/s
+    t_ref: float
+    window: float
+
+    def placed(self, road: Road, t: float) -> Parts:
+        xw, yw, heading = road.to_world(self.x + self.speed * (t - self.t_ref), self.d)
+        return self.parts.placed(float(xw), float(yw), float(road.height(xw)) + self.level, float(heading) + self.yaw)
+
+
+@dataclass
+class Block:
+    parking: np.ndarray   # (2,) bool: a parking lane on the right (0) / left (1) side
+    street: np.ndarray    # (2, 2): block-local x interval of a side street per side, (-10, -10) if none
+    terrain: np.ndarray   # (2,): height of the terrain beyond the sidewalk over the road, per side
+    static: Parts         # in the world frame
+
+
+class Scene:
+    """One sequence's street, built block by block from (seed, sequence)."""
+
+    def __init__(self, seed: int, sequence: str):
+        self.seed, self.sequence = seed, sequence
+        rng = rng_for(seed, sequence)
+        self.road = Road(amplitude=rng.uniform(0, 12) * (rng.random() < 0.7), period=rng.uniform(350, 800),
+                         phase=rng.uniform(0, 2 * np.pi), grade=rng.uniform(-0.02, 0.02),
+                         hill=rng.uniform(0.3, 1.5), hill_period=rng.uniform(200, 400),
+                         hill_phase=rng.uniform(0, 2 * np.pi))
+        self.lanes = int(rng.choice([1, 2], p=[0.6, 0.4]))           # lanes per direction
+        self.lane_width = rng.uniform(3.2, 3.7)
+        self.half_width = self.lanes * self.lane_width
+        self.sidewalk = rng.uniform(1.8, 4.0, 2)                      # right, left
+        self.ego_d = -self.lane_width * (rng.integers(self.lanes) + 0.5)
+        self.v0, self.va = rng.uniform(9.0, 11.0), rng.uniform(0.0, 1.0)
+        self.vw, self.vphase = 2 * np.pi / rng.uniform(15, 45), rng.uniform(0, 2 * np.pi)
+        self.wobble = rng.uniform(0, 2 * np.pi, 2)
+        self._blocks: dict[int, Block] = {}
+        self._traffic: dict[int, list[Mover]] = {}
+
+    # --- ego trajectory -------------------------------------------------------------------
+    def ego_speed(self, t):
+        return self.v0 + self.va * np.sin(self.vw * t + self.vphase)
+
+    def ego_x(self, t):
+        """Road coordinate of the ego vehicle at time t (speed oscillates gently around v0)."""
+        return self.v0 * t + self.va / self.vw * (np.cos(self.vphase) - np.cos(self.vw * t + self.vphase))
+
+    def time_at(self, x: float) -> float:
+        """When the ego vehicle passes road coordinate x (Newton steps on :meth:`ego_x`)."""
+        t = x / self.v0
+        for _ in range(4):
+            t -= (self.ego_x(t) - x) / self.ego_speed(t)
+        return float(t)
+
+    def lidar_pose(self, t: float) -> np.ndarray:
+        """4x4 world pose of the LiDAR (x forward, y left, z up) at time t."""
+        d = self.ego_d + 0.15 * np.sin(0.37 * t + self.wobble[0])
+        xw, yw, heading = self.road.to_world(self.ego_x(t), d)
+        yaw = heading + 0.01 * np.sin(1.3 * t + self.wobble[1])
+        forward = np.array([np.cos(yaw), np.sin(yaw), self.road.slope(xw) * np.cos(yaw)])
+        forward /= np.linalg.norm(forward)
+        left = np.array([-np.sin(yaw), np.cos(yaw), 0.0])
+        pose = np.eye(4)
+        pose[:3, :3] = np.stack([forward, left, np.cross(forward, left)], axis=1)
+        pose[:3, 3] = xw, yw, self.road.height(xw) + SENSOR_HEIGHT
+        return pose
+
+    # --- blocks ---------------------------------------------------------------------------
+    def block(self, k: int) -> Block:
+        if k not in self._blocks:
+            from .street import build_block
+            self._blocks[k] = build_block(self, k)
+        return self._blocks[k]
+
+    def traffic(self, k: int) -> list[Mover]:
+        if k not in self._traffic:
+            from .street import build_traffic
+            self._traffic[k] = build_traffic(self, k)
+        return self._traffic[k]
+
+    def primitives(self, t: float, xy: np.ndarray, radius: float) -> Parts:
+        """World-frame primitives that may be seen within ``radius`` of ``xy`` at time t."""
+        x = float(self.road.to_road(xy[0], xy[1])[0])
+        near = range(int(np.floor((x - radius - 20) / BLOCK_LENGTH)),
+                     int(np.floor((x + radius + 20) / BLOCK_LENGTH)) + 1)
+        reach = range(int(np.floor(self.ego_x(t - MAX_MOVER_WINDOW) / BLOCK_LENGTH)) - 1,
+                      int(np.floor(self.ego_x(t + MAX_MOVER_WINDOW) / BLOCK_LENGTH)) + 1)
+        for cache, first in ((self._blocks, near.start), (self._traffic, reach.start)):
+            for k in [k for k in cache if k < first - 2]:
+                del cache[k]
+        items = [self.block(k).static for k in near]
+        for k in reach:
+            items += [m.placed(self.road, t) for m in self.traffic(k) if abs(t - m.t_ref) <= m.window]
+        parts = Parts.concat(items)
+        dist = np.linalg.norm(parts.center[:, :2] - xy, axis=1) - parts.bounding_radius()
+        return parts.subset(np.flatnonzero(dist < radius))
+
+    # --- ground ---------------------------------------------------------------------------
+    def ground(self, xw: np.ndarray, yw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw label and surface height over the road level of the ground at world points.
+
+        Across the road from the centre: lanes with markings, a parking lane where the block
+        has one, the curb, the sidewalk (CURB_HEIGHT up), then terrain at the block's level;
+        side streets cut through at road level.
+        """
+        x, d = self.road.to_road(xw, yw)
+        k = np.floor(x / BLOCK_LENGTH).astype(np.int64)
+        if k.size == 0:
+            return np.zeros(0, np.uint32), np.zeros(0)
+        k0 = int(k.min())
+        blocks = [self.block(j) for j in range(k0, int(k.max()) + 1)]
+        parking = np.array([b.parking for b in blocks])
+        street = np.array([b.street for b in blocks])
+        terrain = np.array([b.terrain for b in blocks])
+        row, side = k - k0, (d > 0).astype(np.int64)
+        a, xl = np.abs(d), x - k * BLOCK_LENGTH
+        curb = self.half_width + PARKING_WIDTH * parking[row, side]
+        sidewalk = a < curb + self.sidewalk[side]
+        label = np.where(sidewalk, SIDEWALK, TERRAIN).astype(np.uint32)
+        level = np.where(sidewalk, CURB_HEIGHT, terrain[row, side])
+        flat = a < curb
+        label[flat] = PARKING
+        on_road = a < self.half_width
+        label[on_road] = ROAD
+        marks = np.abs(a - (self.half_width - 0.3)) < 0.075
+        dashed = np.mod(x, 9.0) < 3.0
+        if self.lanes == 1:
+            marks |= (a < 0.075) & dashed
+        else:
+            marks |= (a < 0.1) | ((np.abs(a - self.lane_width) < 0.075) & dashed)
+        label[marks & on_road] = LANE_MARKING
+        in_street = (xl >= street[row, side, 0]) & (xl < street[row, side, 1]) & ~on_road
+        label[in_street] = ROAD
+        level[flat | in_street] = 0.0
+        return label, level
