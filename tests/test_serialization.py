@@ -98,3 +98,41 @@ def test_too_large_cloud_names_the_limit():
 def test_unknown_order_is_rejected():
     with pytest.raises(ValueError, match="unknown serialization order"):
         ser.encode_orders(np.zeros((1, 3), dtype=int), ["peano"])
+
+
+def _skilling_hilbert(x: int, y: int, z: int, depth: int) -> int:
+    """Reference: Skilling's transpose algorithm on one point, written independently of the library."""
+    axes = [x, y, z]
+    q = 1 << (depth - 1)
+    while q > 1:
+        low = q - 1
+        for i in range(3):
+            if axes[i] & q:
+                axes[0] ^= low
+            else:
+                t = (axes[0] ^ axes[i]) & low
+                axes[0] ^= t
+                axes[i] ^= t
+        q >>= 1
+    for i in (1, 2):
+        axes[i] ^= axes[i - 1]
+    t, q = 0, 1 << (depth - 1)
+    while q > 1:
+        if axes[2] & q:
+            t ^= q - 1
+        q >>= 1
+    axes = [a ^ t for a in axes]
+    code = 0
+    for b in reversed(range(depth)):
+        for a in axes:
+            code = (code << 1) | ((a >> b) & 1)
+    return code
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 7, 11, 16])
+def test_table_driven_hilbert_equals_skillings_algorithm(depth):
+    rng = np.random.default_rng(depth)
+    grid = rng.integers(0, 1 << depth, size=(600, 3))
+    expected = [_skilling_hilbert(*map(int, p), depth) for p in grid]
+    assert ser.encode(grid, "hilbert", depth).tolist() == expected
+    assert ser.encode(torch.from_numpy(grid), "hilbert", depth).tolist() == expected
