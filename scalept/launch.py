@@ -47,7 +47,27 @@ def preprocess(cfg: DictConfig) -> None:
     run(cfg)
 
 
-STEPS: dict[str, Callable[[DictConfig], None]] = {"synth": synth, "preprocess": preprocess}
+def train(cfg: DictConfig) -> None:
+    from scalept.train import run
+
+    run(cfg)
+
+
+def infer(cfg: DictConfig) -> None:
+    from scalept.infer import run
+
+    run(cfg)
+
+
+def fuse(cfg: DictConfig) -> None:
+    from scalept.fuse import run
+
+    run(cfg)
+
+
+STEPS: dict[str, Callable[[DictConfig], None]] = {
+    "synth": synth, "preprocess": preprocess, "train": train, "infer": infer, "fuse": fuse,
+}
 
 
 def run(cfg: DictConfig) -> None:

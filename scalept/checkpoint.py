@@ -1,0 +1,68 @@
+"""Checkpoints: ``<run_dir>/checkpoints/{last,best}.pt``, written atomically, loaded safely.
+
+A checkpoint is a plain dict that ``torch.load(..., weights_only=True)`` accepts
+(tensors, numbers, strings, lists and dicts only): the model's state and the
+model config it was built from, plus whatever the trainer needs to resume
+(optimizer, scheduler, epoch, step, sampler position, RNG states).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from scalept.atomic import atomic_path
+from scalept.errors import ScalePTError
+
+
+class CheckpointError(ScalePTError, RuntimeError):
+    """A checkpoint is missing, unreadable or of another model configuration."""
+
+
+def checkpoint_path(run_dir: str | os.PathLike, which: str = "last") -> Path:
+    if which not in ("last", "best"):
+        raise CheckpointError(f"checkpoint must be 'last' or 'best', got {which!r}")
+    return Path(run_dir) / "checkpoints" / f"{which}.pt"
+
+
+def model_signature(model_cfg: Mapping, num_classes: int, grid_size: float) -> str:
+    """What must match for weights to be reusable: the model config, the classes and the grid."""
+    return json.dumps({"model": dict(model_cfg), "num_classes": num_classes, "grid_size": grid_size}, sort_keys=True)
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping) -> None:
+    """Write ``state`` (must contain ``model`` and ``signature``) atomically."""
+    missing = {"model", "signature"} - set(state)
+    if missing:
+        raise ValueError(f"checkpoint state lacks {sorted(missing)}")
+    with atomic_path(path) as tmp:
+        torch.save(dict(state), tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, signature: str | None = None, map_location="cpu") -> dict:
+    """Load a checkpoint; with ``signature``, refuse one of another model configuration."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; train first (stage=train) or check run_dir")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise CheckpointError(f"{path}: not a readable ScalePT checkpoint ({type(err).__name__}); delete it "
+                              "or point run_dir elsewhere") from None
+    if not isinstance(state, dict) or "signature" not in state or "model" not in state:
+        raise CheckpointError(f"{path}: not a ScalePT checkpoint (no model signature)")
+    if signature is not None and state["signature"] != signature:
+        raise CheckpointError(f"{path}: saved for another model configuration ({_difference(state['signature'], signature)}); "
+                              "use the same model/train.grid_size as that run, or another run_dir")
+    return state
+
+
+def _difference(saved: str, wanted: str) -> str:
+    a, b = json.loads(saved), json.loads(wanted)
+    flat_a = {**{f"model.{k}": v for k, v in a["model"].items()}, **{k: v for k, v in a.items() if k != "model"}}
+    flat_b = {**{f"model.{k}": v for k, v in b["model"].items()}, **{k: v for k, v in b.items() if k != "model"}}
+    keys = sorted(k for k in set(flat_a) | set(flat_b) if flat_a.get(k) != flat_b.get(k))
+    return ", ".join(f"{k}: saved {flat_a.get(k)!r}, now {flat_b.get(k)!r}" for k in keys[:3])

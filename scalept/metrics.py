@@ -1,0 +1,45 @@
+"""Segmentation scores: one confusion matrix summed over a split, IoU per class, mIoU (DESIGN.md)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from scalept.data.semantickitti import IGNORE_INDEX
+
+
+def confusion_matrix(pred, target, num_classes: int):
+    """(C, C) counts, rows = ground truth, columns = prediction; ignored ground truth is not counted.
+
+    Accepts numpy arrays or torch tensors (on any device) and returns the same kind,
+    int64, so training can accumulate on the GPU and reduce across ranks.
+    """
+    if isinstance(pred, torch.Tensor):
+        valid = target != IGNORE_INDEX
+        index = target[valid].long() * num_classes + pred[valid].long()
+        return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+    pred, target = np.asarray(pred), np.asarray(target)
+    valid = target != IGNORE_INDEX
+    index = target[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
+    return np.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def iou_per_class(confusion) -> np.ndarray:
+    """IoU_c = TP / (TP + FP + FN); NaN for a class absent from both prediction and ground truth."""
+    cm = np.asarray(confusion.cpu() if isinstance(confusion, torch.Tensor) else confusion, dtype=np.float64)
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
+def mean_iou(confusion) -> float:
+    """Mean IoU over the classes, as DESIGN.md defines it. Classes that occur in neither prediction
+    nor ground truth of the evaluated points (NaN) are left out of the mean."""
+    iou = iou_per_class(confusion)
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
+
+
+def accuracy(confusion) -> float:
+    cm = np.asarray(confusion.cpu() if isinstance(confusion, torch.Tensor) else confusion)
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else 0.0
