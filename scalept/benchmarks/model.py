@@ -138,7 +138,8 @@ def main(argv=None) -> dict:
         "--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on GPU only; CPUs without "
         "bf16 matrix units run it several times slower than fp32)"
     )
-    parser.add_argument("--checkpoint", action="store_true", help="activation checkpointing of every block")
+    parser.add_argument("--checkpoint", type=int, metavar="LEVELS", help="override the model's checkpoint_levels: "
+                        "recompute the blocks of the LEVELS finest levels (0: none, 5: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -153,7 +154,8 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(0)
     cfg = OmegaConf.load(CONF_DIR / f"{args.model}.yaml")
-    cfg.checkpoint_blocks = args.checkpoint
+    if args.checkpoint is not None:
+        cfg.checkpoint_levels = args.checkpoint
     model = build_model(cfg, kitti.NUM_CLASSES).to(device)
     scans = load_scans(args.real, args.sequence, limit=8)
     rng = np.random.default_rng(0)
@@ -177,7 +179,7 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "amp_bf16": args.amp,
-        "checkpoint_blocks": args.checkpoint,
+        "checkpoint_levels": cfg.checkpoint_levels,
         "warmup": args.warmup,
         "repeats": args.repeats,
         "scans": len(scans),

@@ -55,7 +55,7 @@ class PTv3(nn.Module):
         proj_drop: float = 0.0,
         bn_eps: float = 1e-3,
         bn_momentum: float = 0.01,
-        checkpoint_blocks: bool = False,
+        checkpoint_levels: int = 0,
     ):
         super().__init__()
         levels = len(enc_depths)
@@ -66,7 +66,7 @@ class PTv3(nn.Module):
         self.orders = list(orders)
         serialization.encode_orders(torch.zeros(1, 3, dtype=torch.int64), self.orders)  # validates names
         self.shuffle_orders = shuffle_orders
-        self.checkpoint_blocks = checkpoint_blocks
+        self.checkpoint_levels = checkpoint_levels
         block_args = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
 
         def blocks(depth, channels, heads, patch, rates, level):
@@ -97,9 +97,13 @@ class PTv3(nn.Module):
         )
         self.head = nn.Linear(dec_channels[0], num_classes)
 
-    def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor, level: Level) -> torch.Tensor:
+    def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor, level: Level, depth: int) -> torch.Tensor:
+        # Checkpoint only the finest levels: they hold most activation memory (most
+        # points), while the coarse levels' many small blocks would cost recompute
+        # launches for little memory.
+        recompute = depth < self.checkpoint_levels and torch.is_grad_enabled()
         for block in blocks:
-            if self.checkpoint_blocks and torch.is_grad_enabled():
+            if recompute:
                 x = checkpoint(block, x, level, use_reentrant=False)
             else:
                 x = block(x, level)
@@ -116,11 +120,11 @@ class PTv3(nn.Module):
             if s > 0:
                 levels.append(pool_level(levels[-1]))
                 x = self.pools[s - 1](x, levels[-2])
-            x = self._blocks(blocks, x, levels[s])
+            x = self._blocks(blocks, x, levels[s], s)
             skips.append(x)
         for s in reversed(range(len(self.decoder))):
             x = self.unpools[s](x, skips[s], levels[s])
-            x = self._blocks(self.decoder[s], x, levels[s])
+            x = self._blocks(self.decoder[s], x, levels[s], s)
         return self.head(x)
 
     def set_stochastic(self, enabled: bool = True) -> PTv3:
@@ -149,7 +153,7 @@ def stochastic_inference(model: PTv3):
 _CONFIG_KEYS = {
     "in_channels", "orders", "shuffle_orders", "stem_kernel", "enc_depths", "enc_channels", "enc_heads",
     "enc_patch_size", "dec_depths", "dec_channels", "dec_heads", "dec_patch_size", "mlp_ratio", "qkv_bias",
-    "drop_path", "attn_drop", "proj_drop", "bn_eps", "bn_momentum", "checkpoint_blocks",
+    "drop_path", "attn_drop", "proj_drop", "bn_eps", "bn_momentum", "checkpoint_levels",
 }  # fmt: skip
 
 
