@@ -2,7 +2,9 @@
 
 Work is cut into units of (sequence, chunk of frames). Inside a Slurm array job
 (``SLURM_ARRAY_TASK_ID`` set, i.e. ``preprocess.task_id``) one process does one
-unit; otherwise every unit runs here. A unit writes a part file
+unit; otherwise every unit runs here, or, when this process is one of several tasks
+of an srun step (a multi-node job of the Hydra Slurm launcher), every n-th unit, and
+the ranks wait for each other's tile files at the end. A unit writes a part file
 ``<tiles_dir>/<sampling>/<SS>.parts/<first>-<end>.h5``; whichever task finishes
 the last part of a sequence merges the parts into ``<SS>.h5`` (two tasks racing
 there both write the same bytes under private temporary names, and the rename
@@ -186,9 +188,13 @@ def run(cfg: DictConfig) -> list[Path]:
                              f"units of this configuration; submit the array as --array=0-{len(units) - 1}")
         todo = [units[task_id]]
     else:
-        todo = units
+        rank, world = step_rank()
+        todo = units[rank::world]
         log.info("preprocess: %d units (sequence x %d frames); as a Slurm array: --array=0-%d",
                  len(units), cfg.preprocess.frames_per_task, len(units) - 1)
+        if world > 1:
+            log.info("preprocess: rank %d of %d tasks of this job step (node %s) tiles %d of them",
+                     rank, world, os.environ.get("SLURMD_NODENAME", "?"), len(todo))
     started = time.perf_counter()
     frames = 0
     for unit in _progress(todo, cfg):
@@ -198,10 +204,45 @@ def run(cfg: DictConfig) -> list[Path]:
     for name in dict.fromkeys(u.sequence for u in todo):
         if merge_if_complete(cfg, name):
             finished.append(tile_file_path(cfg.tiles_dir, cfg.sampling.name, name))
+    if task_id is None and world > 1:  # the later steps of this job read every tile file
+        finished = wait_for_sequences(cfg, sequences_of(cfg))
     elapsed = time.perf_counter() - started
     log.info("preprocess: sampling=%s tiled %d frames in %.1f s; %d tile files complete under %s",
              cfg.sampling.name, frames, elapsed, len(finished), Path(cfg.tiles_dir) / cfg.sampling.name)
     return finished
+
+
+def step_rank() -> tuple[int, int]:
+    """(rank, number of tasks) of this process in an srun job step, else (0, 1).
+
+    Every task of a multi-task Slurm job (e.g. a submitit job of ``nodes`` x
+    ``tasks_per_node`` tasks) runs the same stage: task k tiles units k, k + n, ...
+    The batch script itself (SLURM_NTASKS set, but no step) counts as one process.
+    """
+    world = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    rank = int(os.environ.get("SLURM_PROCID", "0")) if world > 1 else 0
+    if not 0 <= rank < world:
+        raise ConfigError(f"SLURM_PROCID={rank} is outside the {world} tasks of SLURM_STEP_NUM_TASKS")
+    return rank, world
+
+
+def wait_for_sequences(cfg: DictConfig, names: list[str], poll_s: float = 1.0) -> list[Path]:
+    """Wait until every sequence's tile file is complete (merged by whichever rank wrote its last part).
+
+    No timeout of its own: a rank that fails ends the step (SLURM_KILL_BAD_EXIT in
+    cluster/slurm.yaml), and the job's time limit bounds the rest.
+    """
+    paths = [tile_file_path(cfg.tiles_dir, cfg.sampling.name, name) for name in names]
+    waiting_since = time.monotonic()
+    reported = 0.0
+    while True:
+        missing = [p for p in paths if not (p.exists() and is_complete(p))]
+        if not missing:
+            return paths
+        if time.monotonic() - waiting_since >= reported + 60:
+            reported += 60
+            log.info("preprocess: waiting for the other ranks: %d tile files left (%s, ...)", len(missing), missing[0])
+        time.sleep(poll_s)
 
 
 def _progress(units: list[Unit], cfg: DictConfig):

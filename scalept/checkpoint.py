@@ -29,7 +29,14 @@ def checkpoint_path(run_dir: str | os.PathLike, which: str = "last") -> Path:
 
 
 def model_signature(model_cfg: Mapping, num_classes: int, grid_size: float) -> str:
-    """What must match for weights to be reusable: the model config, the classes and the grid."""
+    """What must match for weights to be reusable: the model config, the classes and the grid.
+
+    ``model_cfg`` may be a plain mapping or an OmegaConf node (``cfg.model``); both give the same string.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(model_cfg, DictConfig):
+        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
     return json.dumps({"model": dict(model_cfg), "num_classes": num_classes, "grid_size": grid_size}, sort_keys=True)
 
 

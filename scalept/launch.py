@@ -7,17 +7,34 @@ writes the files that DESIGN.md lists.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from scalept.errors import ConfigError, ScalePTError
 
 log = logging.getLogger("scalept")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _array_task_id() -> int | None:
+    """preprocess.task_id: SLURM_ARRAY_TASK_ID of a plain sbatch array (slurm/preprocess.sbatch).
+
+    Under the Hydra Slurm launcher (submitit sets SUBMITIT_EXECUTOR) the array index is
+    the sweep point, not a preprocessing unit, so it is not one here.
+    """
+    value = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return None if value is None or os.environ.get("SUBMITIT_EXECUTOR") else int(value)
+
+
+OmegaConf.register_new_resolver("scalept.array_task_id", _array_task_id, replace=True)
+# cluster/slurm.yaml: one srun task (DDP rank) per GPU when GPUs are requested, else one per node.
+OmegaConf.register_new_resolver(
+    "scalept.tasks_per_node", lambda gpus_per_node: 1 if gpus_per_node is None else int(gpus_per_node), replace=True)
 
 
 def split_sequences(cfg: DictConfig) -> list[str]:

@@ -1,0 +1,119 @@
+"""Rank / world / master resolution (Slurm, torchrun, nothing) and a real 2-process gloo DDP training on CPU."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scalept import distributed
+from scalept.distributed import DistEnv, resolve_env
+from tiny_training import make_tiny_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_nothing_set_is_a_single_process():
+    assert resolve_env({}) == DistEnv(rank=0, world_size=1, local_rank=0, source="single")
+
+
+def test_torchrun_variables():
+    env = resolve_env({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node3",
+                       "MASTER_PORT": "1234"})
+    assert env == DistEnv(5, 8, 1, "node3", 1234, "torchrun")
+
+
+def test_torchrun_variables_win_over_slurm():
+    # submitit's TorchDistributedEnvironment().export() sets both kinds; the exported ones are used
+    env = resolve_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "a", "MASTER_PORT": "9",
+                       "SLURM_PROCID": "7", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3"})
+    assert (env.rank, env.world_size, env.local_rank, env.source) == (1, 2, 1, "torchrun")
+
+
+def test_slurm_without_scontrol(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    env = resolve_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123",
+                       "SLURM_JOB_NODELIST": "gpu[01-02]"})
+    assert (env.rank, env.world_size, env.local_rank, env.source) == (3, 4, 1, "slurm")
+    assert env.master_addr == "127.0.0.1" and env.master_port == 20123
+    env = resolve_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "MASTER_ADDR": "head", "MASTER_PORT": "4321"})
+    assert (env.master_addr, env.master_port, env.local_rank) == ("head", 4321, 0)
+
+
+def test_slurm_master_is_the_first_host_of_the_nodelist(monkeypatch, tmp_path):
+    fake = tmp_path / "scontrol"
+    fake.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    env = resolve_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+                       "SLURM_JOB_NODELIST": "gpu[07-08]"})
+    assert env.master_addr == "gpu07"
+
+
+def test_getters_outside_a_job(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    distributed.init()
+    assert (distributed.get_rank(), distributed.get_world_size(), distributed.get_local_rank()) == (0, 1, 0)
+    assert distributed.is_main() and not distributed.is_distributed()
+    import torch
+
+    t = torch.ones(3)
+    assert distributed.all_reduce_sum(t) is t and t.tolist() == [1.0, 1.0, 1.0]
+    distributed.barrier()
+    distributed.teardown()
+
+
+RANK_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from scalept import distributed
+from scalept.train import run
+from tiny_training import compose_tiny
+cfg = compose_tiny({data!r}, {run_dir!r}, "train.max_steps=3", "train.grad_accum=2", "train.label_fraction=0.5",
+                   "train.val_every=1")
+result = run(cfg)
+print("RESULT " + json.dumps({{"rank": distributed.get_env().rank, "world": result["world_size"],
+                               "digest": result["param_digest"], "losses": result["step_losses"],
+                               "best": result["best_val_miou"]}}))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_rank_gloo_training_keeps_replicas_identical(tmp_path_factory, tmp_path):
+    data = make_tiny_data(tmp_path_factory.getbasetemp() / "tiny-data")  # shared with test_train
+    run_dir = tmp_path / "run"
+    script = RANK_SCRIPT.format(tests=str(ROOT / "tests"), data=str(data), run_dir=str(run_dir))
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out[-3000:]
+        outputs.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:]))
+    assert sorted(o["rank"] for o in outputs) == [0, 1]
+    assert all(o["world"] == 2 for o in outputs)
+    assert outputs[0]["digest"] == outputs[1]["digest"]  # gradients were averaged: same parameters
+    assert outputs[0]["losses"] == outputs[1]["losses"] and len(outputs[0]["losses"]) == 3  # rank-averaged
+    assert outputs[0]["best"] == pytest.approx(outputs[1]["best"])  # confusion summed over both ranks
+    # only rank 0 wrote: one metrics file, checkpoints, one TensorBoard directory
+    metrics = json.loads((run_dir / "train_metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_batch"] == 2 * 2 * 2
+    assert (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "tb").is_dir()

@@ -1,0 +1,180 @@
+"""The training stage on a tiny synthetic problem (CPU): learning, resume, checkpoints, subsets, logging."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from scalept import train
+from scalept.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+from scalept.data.dataset import split_tile_files
+from scalept.data.tiles import TileFile
+from scalept.errors import ConfigError
+from tiny_training import TRAIN_SEQUENCES, compose_tiny, make_tiny_data
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_tiny_data(tmp_path_factory.getbasetemp() / "tiny-data")  # shared with test_distributed
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic and fast enough at this size
+    yield
+    torch.set_num_threads(threads)
+
+
+# a schedule of 2 epochs x 3 steps (12 tiles: frame 0 of each sequence, batch 4) with validation after each epoch
+RESUME = ("train.label_fraction=0.25", "train.batch_size=4", "train.epochs=2", "train.val_every=1")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    torch.set_num_threads(1)
+    return run_dir, train.run(compose_tiny(data_dir, run_dir, *RESUME))
+
+
+def test_loss_decreases_and_files_are_written(data_dir, tmp_path):
+    cfg = compose_tiny(data_dir, tmp_path, "train.max_steps=24", "train.val_every=0", "train.label_fraction=0.25")
+    result = train.run(cfg)
+    losses = [loss for _, loss in result["step_losses"]]
+    assert len(losses) == 24 and result["steps"] == 24
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:3]), losses
+    saved = json.loads((tmp_path / "train_metrics.json").read_text())
+    for key in ("steps", "epochs", "final_loss", "best_val_miou", "points_per_s", "peak_rss_gb", "seconds"):
+        assert key in saved
+    assert saved["points_per_s"] > 0 and saved["final_loss"] == pytest.approx(losses[-1])
+    # without validation, best.pt is the final model
+    assert load_checkpoint(checkpoint_path(tmp_path, "best"))["finished"]
+
+
+def test_resume_continues_the_same_loss_curve(data_dir, tmp_path, uninterrupted, monkeypatch):
+    _, reference = uninterrupted
+    expected = dict(reference["step_losses"])
+    assert sorted(expected) == list(range(1, 7))
+
+    # 1) a real SIGUSR2 during step 2 (mid-epoch 0), with a launcher's handler installed before us
+    seen = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+    calls = {"n": 0}
+    loss_fn = train.segmentation_loss
+
+    def loss_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(train, "segmentation_loss", loss_then_signal)
+    try:
+        with pytest.raises(train.TrainingInterrupted, match="SIGUSR2 at step 2"):
+            train.run(compose_tiny(data_dir, tmp_path, *RESUME))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    monkeypatch.setattr(train, "segmentation_loss", loss_fn)
+    assert seen == [signal.SIGUSR2]  # the launcher's handler ran after the checkpoint
+    state = load_checkpoint(checkpoint_path(tmp_path, "last"))
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (2, 0, 2)
+    assert signal.getsignal(signal.SIGUSR2) is previous
+
+    # 2) resume; simulated preemption at step 5 (mid-epoch 1, after a validation)
+    second = train.run(compose_tiny(data_dir, tmp_path, *RESUME, "train.stop_at_step=5"))
+    assert second["preempted"] and [s for s, _ in second["step_losses"]] == [3, 4, 5]
+    # 3) resume to the end
+    third = train.run(compose_tiny(data_dir, tmp_path, *RESUME))
+    assert [s for s, _ in third["step_losses"]] == [6]
+
+    resumed = {}
+    for part in (second, third):
+        resumed.update(dict(part["step_losses"]))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(expected[step], abs=1e-6), (step, loss, expected[step])
+    assert third["best_val_miou"] == pytest.approx(reference["best_val_miou"], abs=1e-9)
+    assert third["param_digest"] == reference["param_digest"]
+
+    # 4) a finished run is skipped
+    again = train.run(compose_tiny(data_dir, tmp_path, *RESUME))
+    assert again["skipped"] and again["steps"] == 6
+
+
+def test_checkpoint_of_another_model_is_refused_in_one_line(data_dir, uninterrupted):
+    run_dir, _ = uninterrupted
+    cfg = compose_tiny(data_dir, run_dir, *RESUME, "model.enc_channels=[16,16,32,32,32]")
+    with pytest.raises(CheckpointError) as err:
+        train.run(cfg)
+    assert "\n" not in str(err.value) and "enc_channels" in str(err.value)
+    with pytest.raises(CheckpointError, match="not found"):
+        train.run(compose_tiny(data_dir, run_dir / "elsewhere", *RESUME, "train.resume=true"))
+
+
+def test_tensorboard_has_the_scalars_images_and_hparams(uninterrupted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = uninterrupted
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/points_per_s", "val/mIoU"} <= scalars
+    assert any(tag.startswith("val/IoU/") for tag in scalars)
+    assert "train/gpu_mem_gb" not in scalars  # CPU run
+    assert "val/confusion" in events.Tags()["images"]
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 7))
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+
+
+def test_label_fraction_takes_every_kth_frame(data_dir):
+    assert train.frame_subset(10, 1.0).tolist() == list(range(10))
+    assert train.frame_subset(10, 0.5).tolist() == [0, 2, 4, 6, 8]
+    assert train.frame_subset(10, 0.1).tolist() == [0]
+    assert train.frame_subset(10, 0.3).tolist() == [0, 3, 6, 9]  # k = round(1 / 0.3) = 3
+    with pytest.raises(ConfigError):
+        train.frame_subset(10, 0.0)
+    cfg = compose_tiny(data_dir, data_dir / "unused")
+    files = [TileFile(p) for p in split_tile_files(cfg.tiles_dir, cfg.sampling.name, TRAIN_SEQUENCES)]
+    pairs = train.label_fraction_tiles(files, 0.5)
+    for f, tile_file in enumerate(files):
+        chosen = sorted(t for g, t in pairs if g == f)
+        expected = [t for t in range(tile_file.num_tiles) if tile_file.tile_frame[t] in (0, 2)]
+        assert chosen == expected and chosen
+
+
+def test_lr_scaling_rules():
+    assert train.scaled_lr(0.002, 48, 12, "none") == 0.002
+    assert train.scaled_lr(0.002, 48, 12, "linear") == pytest.approx(0.008)
+    assert train.scaled_lr(0.002, 48, 12, "sqrt") == pytest.approx(0.004)
+    assert train.scaled_lr(0.002, 3, 12, "sqrt") == pytest.approx(0.001)
+    with pytest.raises(ConfigError):
+        train.scaled_lr(0.002, 3, 12, "cubic")
+
+
+def test_block_parameters_get_the_block_lr(compose_cfg):
+    from scalept.model import build_model
+    from scalept.model.blocks import Block
+
+    model = build_model(compose_cfg("model=ptv3_tiny").model, 19)
+    base, blocks = train.param_groups(model, 0.01, 0.1, 0.005)
+    assert blocks["lr"] == pytest.approx(0.001) and base["lr"] == 0.01
+    in_blocks = {id(p) for m in model.modules() if isinstance(m, Block) for p in m.parameters()}
+    assert {id(p) for p in blocks["params"]} == in_blocks
+    assert len(base["params"]) + len(blocks["params"]) == len(list(model.parameters()))
+    assert math.isclose(sum(p.numel() for g in (base, blocks) for p in g["params"]),
+                        sum(p.numel() for p in model.parameters()))
+
+
+def test_onecycle_schedule_and_global_batch(data_dir, tmp_path):
+    cfg = compose_tiny(data_dir, tmp_path, "train.max_steps=2", "train.val_every=0", "train.grad_accum=2",
+                       "train.label_fraction=0.25", "optim.lr_scaling=linear", "optim.reference_batch=2")
+    result = train.run(cfg)
+    assert result["global_batch"] == 4 and result["lr"] == pytest.approx(0.02)  # batch 2 x 1 rank x accum 2
+    state = load_checkpoint(checkpoint_path(tmp_path, "last"))
+    assert state["scheduler"]["total_steps"] == 2 and state["step"] == 2
