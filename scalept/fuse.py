@@ -1,0 +1,338 @@
+"""The fusion stage: tile predictions back to one label per point, written and scored.
+
+``python -m scalept.launch stage=fuse fusion=<name> run_dir=...`` runs as its own
+process (a separate Slurm job after inference). It reads every chunk file that
+stage=infer wrote under ``<run_dir>/infer/<fusion.name>/`` (layout: see
+:mod:`scalept.infer`), first checks that every tile of every frame of
+``infer.splits`` is there (a missing shard or tile stops the stage with one line
+naming it, never a silently lower mIoU), then per frame:
+
+* ``logit_average``: per point, the mean of the logits of every tile holding it; argmax;
+* ``softmax_average``: the mean of the tiles' softmax probabilities; argmax;
+* ``mc_uncertainty``: tiles' mean MC probabilities p̄ weighted by exp(-H / temperature)
+  (``weighting: entropy``), or the tile of lowest entropy H alone (``weighting: lowest``);
+  the fused per-point entropy is written beside the predictions;
+* points outside every tile (range-cropped) take the label (and entropy) of the
+  nearest point that has a prediction (``scipy.spatial.cKDTree``).
+
+Outputs, under ``<run_dir>/infer/<fusion.name>/`` (``<fusion.name>-lowest/`` for
+``weighting: lowest``, which reuses the mc_uncertainty shards)::
+
+    sequences/SS/predictions/NNNNNN.label   raw SemanticKITTI ids (uint32), the submission format
+    sequences/SS/entropy/NNNNNN.npy         float16 fused entropy per point (mc_uncertainty)
+    metrics.json  iou.md  confusion.png     scores over the sequences that have labels
+
+Fusion is vectorised with ``torch.index_add_`` / ``scatter_reduce_`` on CPU tensors
+(no per-point Python, no ``np.add.at``). The stage recomputes everything on a
+rerun: it is deterministic, so its files are the same each time.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from scipy.spatial import cKDTree
+
+from scalept.atomic import atomic_path
+from scalept.data.semantickitti import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, to_raw, write_labels
+from scalept.data.tiles import TileFile, tile_file_path
+from scalept.errors import ConfigError
+from scalept.infer import (Chunk, InferenceError, infer_dir, infer_sequences, plan_chunks, shard_kind,
+                           usable_chunk_file, values_name)
+from scalept.metrics import accuracy, confusion_matrix, iou_per_class, mean_iou
+
+log = logging.getLogger(__name__)
+
+WEIGHTINGS = ("entropy", "lowest")
+
+
+# --------------------------------------------------------------------------- the per-frame kernels
+
+
+@dataclass
+class Fused:
+    """One frame's fusion: class per point (-1 where no tile holds the point), coverage, entropy."""
+
+    pred: np.ndarray  # (N,) int64
+    covered: np.ndarray  # (N,) bool
+    entropy: np.ndarray | None  # (N,) float32, NaN where uncovered (mc_uncertainty only)
+
+
+def fuse_frame(num_points: int, point_index: np.ndarray, values: np.ndarray, method: str,
+               entropy: np.ndarray | None = None, weighting: str = "entropy", temperature: float = 0.1) -> Fused:
+    """Fuse the tile predictions of one frame.
+
+    ``point_index`` (P,) gives the frame point of each tile-point row, ``values``
+    (P, C) its logits (``logit_average``), probabilities (``softmax_average``) or
+    mean MC probabilities (``mc_uncertainty``, with ``entropy`` (P,)).
+    """
+    shard_kind(method)
+    idx = torch.from_numpy(np.ascontiguousarray(point_index)).long()
+    x = torch.from_numpy(np.ascontiguousarray(values)).float()
+    n, classes = int(num_points), x.shape[1]
+    if method != "mc_uncertainty":
+        # the mean's argmax is the sum's argmax: no division by the count is needed
+        acc = torch.zeros(n, classes).index_add_(0, idx, x)
+        covered = torch.bincount(idx, minlength=n) > 0
+        pred = acc.argmax(1)
+        pred[~covered] = IGNORE_INDEX
+        return Fused(pred.numpy(), covered.numpy(), None)
+    if entropy is None:
+        raise ValueError("mc_uncertainty fusion needs the per-row entropy")
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"fusion.weighting={weighting!r} is unknown; choose one of {', '.join(WEIGHTINGS)}")
+    h = torch.from_numpy(np.ascontiguousarray(entropy)).float()
+    h_min = torch.full((n,), float("inf")).scatter_reduce_(0, idx, h, "amin")
+    covered = torch.isfinite(h_min)
+    pred = torch.full((n,), IGNORE_INDEX, dtype=torch.int64)
+    if weighting == "lowest":
+        # the first row (in file order) reaching its point's lowest entropy wins the point
+        rows = torch.arange(len(idx))
+        candidate = torch.where(h == h_min[idx], rows, len(idx))
+        winner = torch.full((n,), len(idx), dtype=torch.int64).scatter_reduce_(0, idx, candidate, "amin")
+        pred[covered] = x[winner[covered]].argmax(1)
+        fused_entropy = torch.where(covered, h_min, float("nan"))
+        return Fused(pred.numpy(), covered.numpy(), fused_entropy.numpy())
+    if temperature <= 0:
+        raise ConfigError(f"fusion.temperature={temperature} must be > 0")
+    # exp(-(H - H_min) / T): the same normalised weights as exp(-H / T), without underflow at small T
+    w = torch.exp((h_min[idx] - h) / float(temperature))
+    acc = torch.zeros(n, classes).index_add_(0, idx, x.mul_(w[:, None]))  # x is a fresh float copy
+    w_sum = torch.zeros(n).index_add_(0, idx, w)
+    count = torch.bincount(idx, minlength=n)
+    pred = acc.argmax(1)
+    pred[~covered] = IGNORE_INDEX
+    # fused entropy: a point in one tile keeps that tile's H; else the entropy of the weighted mean
+    fused_entropy = torch.full((n,), float("nan"))
+    single = count[idx] == 1
+    fused_entropy[idx[single]] = h[single]
+    multi = count > 1
+    q = acc[multi] / w_sum[multi, None]
+    fused_entropy[multi] = -(q * torch.log(q.clamp_min(1e-12))).sum(1)
+    return Fused(pred.numpy(), covered.numpy(), fused_entropy.numpy())
+
+
+def fill_nearest(xyz: np.ndarray, covered: np.ndarray, *arrays: np.ndarray) -> int:
+    """Give every uncovered point the values of its nearest covered point, in place; returns how many.
+
+    With no covered point at all, nothing can be filled (predictions stay -1).
+    """
+    missing = np.flatnonzero(~covered)
+    if len(missing) == 0 or not covered.any():
+        return 0
+    known = np.flatnonzero(covered)
+    tree = cKDTree(xyz[known, :3], balanced_tree=False, compact_nodes=False)
+    _, nearest = tree.query(xyz[missing, :3], k=1)
+    source = known[nearest]
+    for array in arrays:
+        if array is not None:
+            array[missing] = array[source]
+    return len(missing)
+
+
+# --------------------------------------------------------------------------- reading the shards
+
+
+def fusion_output_dir(cfg: DictConfig) -> Path:
+    """Where the fused outputs go: the shards' folder, or ``<name>-lowest`` for the lowest-H variant."""
+    base = infer_dir(cfg)
+    weighting = cfg.fusion.get("weighting")
+    if cfg.fusion.name == "mc_uncertainty" and weighting == "lowest":
+        return base.with_name(f"{base.name}-lowest")
+    return base
+
+
+def read_manifest(shard_dir: Path) -> dict:
+    path = shard_dir / "manifest.json"
+    if not path.is_file():
+        raise InferenceError(f"{shard_dir}: no inference output (manifest.json missing); run stage=infer with the "
+                             "same run_dir, sampling and fusion first")
+    return json.loads(path.read_text())
+
+
+def check_shards(cfg: DictConfig) -> tuple[dict, dict[str, TileFile], dict[str, list[tuple[Chunk, Path]]]]:
+    """Every frame of every sequence has a usable chunk file with all its tiles; else one-line error."""
+    shard_dir = infer_dir(cfg)
+    manifest = read_manifest(shard_dir)
+    sequences = infer_sequences(cfg)
+    tile_files = {s: TileFile(tile_file_path(cfg.tiles_dir, cfg.sampling.name, s)) for s in sequences}
+    for s in sequences:
+        inferred = manifest["sequences"].get(s)
+        if inferred != tile_files[s].num_frames:
+            what = "was not predicted" if inferred is None else f"was predicted with {inferred} frames, " \
+                                                                f"its tile file has {tile_files[s].num_frames}"
+            raise InferenceError(f"{shard_dir}: sequence {s} {what}; rerun stage=infer with infer.splits="
+                                 f"{list(cfg.infer.splits)}")
+    expect = {k: manifest[k] for k in ("kind", "fusion", "mc_passes", "num_classes", "checkpoint", "sampling")}
+    if expect["sampling"] != cfg.sampling.name:
+        raise InferenceError(f"{shard_dir}: predicted with sampling={expect['sampling']}, fusing with "
+                             f"sampling={cfg.sampling.name}; use the same sampling (or run_dir)")
+    world = int(manifest["world_size"])
+    owners = {(c["sequence"], c["start"], c["stop"]): c["rank"] for c in manifest["chunks"]}
+    chunks = plan_chunks({s: tile_files[s].num_frames for s in sequences}, int(manifest["frames_per_chunk"]))
+    found: dict[str, list[tuple[Chunk, Path]]] = {s: [] for s in sequences}
+    for chunk in chunks:
+        path, why = usable_chunk_file(shard_dir, chunk, tile_files[chunk.sequence], expect)
+        if path is None:
+            rank = owners.get((chunk.sequence, chunk.start, chunk.stop), "?")
+            name = chunk.file_name(rank) if isinstance(rank, int) else chunk.pattern
+            raise InferenceError(f"{shard_dir}: missing inference for {chunk}: shard {name} of rank {rank}/{world} "
+                                 f"{'not found' if why == 'not found' else 'unusable (' + why + ')'}; rerun "
+                                 "stage=infer with the same config (finished chunks are kept)")
+        found[chunk.sequence].append((chunk, path))
+    return manifest, tile_files, found
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def iou_table(iou: np.ndarray, miou: float, acc: float) -> str:
+    """The per-class IoU as a markdown table (percent; '-' for a class absent from both sides)."""
+    lines = ["| class | IoU (%) |", "|---|---:|"]
+    lines += [f"| {name} | {'-' if np.isnan(v) else f'{100 * v:.2f}'} |" for name, v in zip(CLASS_NAMES, iou)]
+    lines += [f"| **mIoU** | **{100 * miou:.2f}** |", f"| accuracy | {100 * acc:.2f} |"]
+    return "\n".join(lines) + "\n"
+
+
+def save_confusion_png(path: Path, confusion: np.ndarray, title: str) -> None:
+    """Row-normalised confusion matrix (rows ground truth) as a PNG, with matplotlib's Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(confusion, dtype=np.float64)
+    rows = cm.sum(1, keepdims=True)
+    normalised = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    fig = Figure(figsize=(9, 8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(normalised, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES, fontsize=7)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the ground-truth row")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(cfg: DictConfig) -> dict:
+    """Fuse, write predictions and scores; returns the metrics written to metrics.json."""
+    started = time.perf_counter()
+    method = str(cfg.fusion.name)
+    kind = shard_kind(method)
+    weighting = str(cfg.fusion.get("weighting", "entropy"))
+    temperature = float(cfg.fusion.get("temperature", 0.1))
+    if method == "mc_uncertainty":
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"fusion.weighting={weighting!r} is unknown; choose one of {', '.join(WEIGHTINGS)}")
+        if weighting == "entropy" and temperature <= 0:
+            raise ConfigError(f"fusion.temperature={temperature} must be > 0")
+    manifest, tile_files, found = check_shards(cfg)
+    out_dir = fusion_output_dir(cfg)
+    # the first call of torch's scatter kernels in a process is slow: pay it before the timed loop
+    fuse_frame(2, np.array([0, 1, 1]), np.zeros((3, NUM_CLASSES), np.float16), method,
+               np.zeros(3, np.float32) if kind == "mc" else None, weighting, temperature)
+    timings = dict.fromkeys(["check", "read", "fuse", "fill", "write", "score"], 0.0)
+    timings["check"] = time.perf_counter() - started
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    counts = dict.fromkeys(["frames", "frames_scored", "points", "tile_points", "fused", "filled", "scored"], 0)
+    scored_sequences = []
+    for sequence, chunk_files in found.items():
+        tf = tile_files[sequence]
+        has_labels = bool(tf.attrs.get("has_labels", False))
+        if has_labels:
+            scored_sequences.append(sequence)
+        target = out_dir / "sequences" / sequence
+        for chunk, path in chunk_files:
+            with h5py.File(path, "r") as h5:
+                frame_tiles = h5["frame_tile_offsets"][:]
+                tile_offsets = h5["tile_offsets"][:]
+                for i, f in enumerate(range(chunk.start, chunk.stop)):
+                    t0 = time.perf_counter()
+                    lo, hi = tile_offsets[frame_tiles[i]], tile_offsets[frame_tiles[i + 1]]
+                    point_index = h5["point_index"][lo:hi]
+                    values = h5[values_name(kind)][lo:hi]
+                    entropy = h5["entropy"][lo:hi] if kind == "mc" else None
+                    p_lo, p_hi = tf.frame_offsets[f], tf.frame_offsets[f + 1]
+                    xyz = tf.h5["points"][p_lo:p_hi, :3]
+                    t1 = time.perf_counter()
+                    fused = fuse_frame(p_hi - p_lo, point_index, values, method, entropy, weighting, temperature)
+                    t2 = time.perf_counter()
+                    filled = fill_nearest(xyz, fused.covered, fused.pred, fused.entropy)
+                    t3 = time.perf_counter()
+                    frame_id = tf.frame_ids[f]
+                    write_labels(target / "predictions" / f"{frame_id}.label", to_raw(fused.pred))
+                    if fused.entropy is not None:
+                        _save_npy(target / "entropy" / f"{frame_id}.npy", fused.entropy.astype(np.float16))
+                    t4 = time.perf_counter()
+                    if has_labels:
+                        labels = tf.h5["labels"][p_lo:p_hi].astype(np.int64)
+                        valid = fused.pred >= 0  # only a frame without any tile has no prediction
+                        confusion += confusion_matrix(fused.pred[valid], labels[valid], NUM_CLASSES)
+                        counts["scored"] += int(((labels != IGNORE_INDEX) & valid).sum())
+                        counts["frames_scored"] += 1
+                    t5 = time.perf_counter()
+                    for key, dt in zip(("read", "fuse", "fill", "write", "score"), (t1 - t0, t2 - t1, t3 - t2,
+                                                                                   t4 - t3, t5 - t4)):
+                        timings[key] += dt
+                    counts["frames"] += 1
+                    counts["points"] += int(p_hi - p_lo)
+                    counts["tile_points"] += int(hi - lo)
+                    counts["fused"] += int(fused.covered.sum())
+                    counts["filled"] += filled
+    timings["total"] = time.perf_counter() - started
+    iou = iou_per_class(confusion)
+    scored = bool(scored_sequences) and confusion.sum() > 0
+    miou, acc = (mean_iou(confusion), accuracy(confusion)) if scored else (None, None)
+    metrics = {
+        "fusion": method, "weighting": weighting if method == "mc_uncertainty" else None,
+        "temperature": temperature if method == "mc_uncertainty" and weighting == "entropy" else None,
+        "mc_passes": manifest["mc_passes"], "sampling": str(cfg.sampling.name), "dataset": str(cfg.dataset.name),
+        "run_dir": str(cfg.run_dir), "checkpoint_sha1": manifest["checkpoint"],
+        "sequences": list(found), "scored_sequences": scored_sequences,
+        "miou": miou, "accuracy": acc,
+        "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(CLASS_NAMES, iou)} if scored else None,
+        "confusion": confusion.tolist(),
+        **{f"num_{k}": v for k, v in counts.items()},
+        "timings_s": timings,
+        "frames_per_s": counts["frames"] / timings["total"] if timings["total"] else None,
+        "fusion_mpoints_per_s": counts["tile_points"] / timings["fuse"] / 1e6 if timings["fuse"] else None,
+        "predictions": str(out_dir / "sequences"),
+    }
+    with atomic_path(out_dir / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    if scored:
+        table = iou_table(iou, miou, acc)
+        header = (f"# {method} fusion, sampling={cfg.sampling.name}\n\nSequences {', '.join(scored_sequences)}: "
+                  f"{counts['frames_scored']} frames, {counts['scored']} scored points.\n\n")
+        with atomic_path(out_dir / "iou.md") as tmp:
+            tmp.write_text(header + table)
+        save_confusion_png(out_dir / "confusion.png", confusion,
+                           f"{method} / {cfg.sampling.name}: mIoU {100 * miou:.1f}%")
+        log.info("fuse: per-class IoU (%s fusion, sampling=%s)\n%s", method, cfg.sampling.name, table.rstrip())
+    else:
+        log.info("fuse: no labelled sequence among %s: predictions written, nothing scored", ", ".join(found))
+    log.info("fuse: %d frames (%d points: %d fused, %d filled by nearest neighbour) in %.1f s; fusion %.1f M "
+             "tile points/s; predictions in %s", counts["frames"], counts["points"], counts["fused"],
+             counts["filled"], timings["total"], metrics["fusion_mpoints_per_s"] or 0.0, out_dir / "sequences")
+    return metrics

@@ -1,0 +1,116 @@
+"""Inference stage: sharding over ranks, skipping finished chunks, equality with whole-frame prediction,
+checkpoint errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from inference_helpers import base_overrides, compose, prepare_tiles, save_random_checkpoint
+from scalept import fuse, infer
+from scalept.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+from scalept.data.dataset import voxelize
+from scalept.data.semantickitti import read_labels, to_raw
+from scalept.data.tiles import TileFile, tile_file_path
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_chunks_cover_every_frame_exactly_once(world_size):
+    counts = {"08": 7, "09": 3, "10": 1}
+    chunks = infer.plan_chunks(counts, 2)
+    seen = [(c.sequence, f) for r in range(world_size) for c in infer.shard_chunks(chunks, r, world_size)
+            for f in range(c.start, c.stop)]
+    assert sorted(seen) == sorted((s, f) for s, n in counts.items() for f in range(n))
+    assert len(seen) == len(set(seen))
+
+
+@pytest.fixture(scope="module")
+def block_tiles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer-block")
+    cfg = compose(*base_overrides(root), "infer.frames_per_chunk=1")
+    prepare_tiles(cfg)
+    return root
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_shards_cover_every_tile_exactly_once(block_tiles, world_size):
+    cfg = compose(*base_overrides(block_tiles))
+    tile_file = TileFile(tile_file_path(cfg.tiles_dir, cfg.sampling.name, "08"))
+    assert tile_file.num_tiles > tile_file.num_frames  # several tiles a frame
+    chunks = infer.plan_chunks({"08": tile_file.num_frames}, 1)
+    shards = [infer.shard_tiles({"08": tile_file}, chunks, r, world_size) for r in range(world_size)]
+    every = [pair for shard in shards for pair in shard]
+    assert sorted(every) == [("08", t) for t in range(tile_file.num_tiles)]
+    assert len(every) == len(set(every))
+    if world_size == 3:  # 3 frames, 3 ranks: one frame each
+        assert all(len({tile_file.tile_frame[t] for _, t in shard}) == 1 for shard in shards)
+
+
+def test_rerun_skips_finished_chunks_whatever_the_world_size(block_tiles):
+    cfg = compose(*base_overrides(block_tiles), "infer.frames_per_chunk=1")
+    save_random_checkpoint(cfg)
+    out = infer.infer_dir(cfg)
+    # two ranks of a world of 2, run one after the other in this process
+    first = [infer.run(cfg, rank=r, world_size=2) for r in (0, 1)]
+    assert [s["chunks_predicted"] for s in first] == [2, 1]
+    files = sorted(out.glob("shard-*-08-*.h5"))
+    assert [p.name for p in files] == ["shard-000-08-000000-000001.h5", "shard-000-08-000002-000003.h5",
+                                       "shard-001-08-000001-000002.h5"]  # round-robin by chunk
+    stamps = {p.name: p.stat().st_mtime_ns for p in files}
+    # a rerun with another world size finds every chunk done
+    again = infer.run(cfg, rank=0, world_size=1)
+    assert again["chunks_predicted"] == 0 and again["chunks"] == 3
+    # a crash lost one chunk: only that one is predicted again
+    (out / "shard-001-08-000001-000002.h5").unlink()
+    redo = infer.run(cfg, rank=0, world_size=1)
+    assert redo["chunks_predicted"] == 1 and redo["frames_predicted"] == 1
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-000-*.h5") if p.name in stamps} == \
+        {k: v for k, v in stamps.items() if k.startswith("shard-000")}
+    assert not list(out.glob(".*tmp*"))  # no temporary file left behind
+    # another checkpoint: every chunk is redone
+    save_random_checkpoint(cfg, seed=1)
+    assert infer.run(cfg, rank=0, world_size=1)["chunks_predicted"] == 3
+
+
+def test_fused_labels_equal_whole_frame_prediction_with_sampling_none(tmp_path):
+    cfg = compose(*base_overrides(tmp_path, "none"), "preprocess.crop.max_range=null", "infer.batch_size=2")
+    prepare_tiles(cfg)
+    save_random_checkpoint(cfg)
+    infer.run(cfg)
+    metrics = fuse.run(cfg)
+    assert metrics["num_filled"] == 0  # no crop: the single tile is the whole frame
+
+    from scalept.model import build_model
+
+    state = load_checkpoint(checkpoint_path(cfg.run_dir, "best"))
+    model = build_model(state["model_cfg"], state["num_classes"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    tile_file = TileFile(tile_file_path(cfg.tiles_dir, "none", "08"))
+    out = infer.infer_dir(cfg) / "sequences" / "08" / "predictions"
+    for f in range(tile_file.num_frames):
+        points = tile_file.frame(f).points
+        chosen, grid, inverse = voxelize(points[:, :3], state["grid_size"])
+        feat = torch.from_numpy(np.concatenate([points[chosen, :3], points[chosen, 3:4]], axis=1))
+        with torch.inference_mode():
+            logits = model(feat, torch.from_numpy(grid), torch.tensor([len(chosen)]))[torch.from_numpy(inverse)]
+        fused = read_labels(out / f"{tile_file.frame_ids[f]}.label")
+        # inference stores float16 logits: the same rounding gives the same argmax, exactly
+        np.testing.assert_array_equal(fused, to_raw(logits.half().float().argmax(1).numpy()))
+        assert (fused == to_raw(logits.argmax(1).numpy())).mean() > 0.99  # near-ties of random weights
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path):
+    cfg = compose(*base_overrides(tmp_path))
+    with pytest.raises(CheckpointError) as err:
+        infer.run(cfg)
+    assert "checkpoint not found" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_checkpoint_of_another_model_is_a_one_line_error(block_tiles, tmp_path):
+    cfg = compose(*base_overrides(block_tiles), f"run_dir={tmp_path}/other")
+    save_random_checkpoint(cfg, model_overrides={"enc_channels": [16, 16, 32, 32, 32]})
+    with pytest.raises(CheckpointError) as err:
+        infer.run(cfg)
+    message = str(err.value)
+    assert "another model configuration" in message and "enc_channels" in message and "\n" not in message
