@@ -1,0 +1,37 @@
+"""The README's main job, shortened: `python -m scalept.launch` runs every stage end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from scalept.data.semantickitti import Sequence, read_labels, to_classes
+
+
+def test_default_pipeline_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "scalept.launch", f"data_dir={tmp_path}", f"run_dir={run_dir}",
+        f"hydra.run.dir={tmp_path}/hydra", "dataset.synthetic.frames_per_sequence=2",
+        "dataset.synthetic.azimuth_steps=256", 'dataset.splits.train=["00"]', "sampling.max_points=4000",
+        "sampling.overlap=500", "train.max_steps=3", "train.val_every=0", "train.num_workers=0",
+        "infer.num_workers=0",
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| **mIoU** |" in done.stderr + done.stdout  # the per-class table is printed
+    out = run_dir / "infer" / "logit_average"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["miou"] <= 1.0 and metrics["scored_sequences"] == ["08"]
+    assert metrics["num_frames"] == 2 and metrics["num_fused"] + metrics["num_filled"] == metrics["num_points"]
+    assert (out / "iou.md").is_file() and (out / "confusion.png").stat().st_size > 0
+    assert (run_dir / "checkpoints" / "last.pt").is_file() and any((run_dir / "tb").iterdir())
+    val = Sequence(tmp_path / "synthetic" / "dataset", "08")
+    for index, frame_id in enumerate(val.frame_ids()):
+        predicted = read_labels(out / "sequences" / "08" / "predictions" / f"{frame_id}.label")
+        assert len(predicted) == len(val.frame(index).points)
+        classes = to_classes(predicted)
+        assert (classes >= 0).all()  # every point, cropped ones too, gets a real class
+    assert np.isfinite(metrics["miou"])
