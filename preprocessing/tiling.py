@@ -13,7 +13,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from scalept.errors import ConfigError
-from scalept.serialization import encode
+from scalept.serialization import depth_for, hilbert
 
 STRATEGIES = ("none", "block", "hilbert", "knn", "fps_knn", "voxel_knn", "kdtree_knn", "nuc_knn")
 
@@ -122,9 +122,12 @@ def _blocks(xy, idx, origin, size, overlap, max_points, cells_per_side) -> list[
 
 def hilbert_tiles(xyz: np.ndarray, resolution: float, max_points: int, overlap: int) -> list[np.ndarray]:
     """Windows of ``max_points`` consecutive points along a 3-D Hilbert curve."""
-    low = xyz.min(axis=0)
-    grid = ((xyz - low) * np.float32(1.0 / resolution)).astype(np.int32)  # truncation is floor: all >= 0
-    order = np.argsort(encode(grid, "hilbert"), kind="stable")
+    # Contiguous int32 columns (truncation is floor: all >= 0), encoded without
+    # encode()'s range checks: the grid is non-negative and its depth is known here.
+    scale = np.float32(1.0 / resolution)
+    columns = [((xyz[:, i] - xyz[:, i].min()) * scale).astype(np.int32) for i in range(3)]
+    depth = depth_for(max(int(c.max()) for c in columns))
+    order = np.argsort(hilbert(*columns, depth), kind="stable")
     stride = max_points - overlap
     starts = np.r_[np.arange(0, len(order) - max_points, stride), len(order) - max_points]
     return [order[s : s + max_points] for s in starts]
