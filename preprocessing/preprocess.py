@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from preprocessing.tiling import make_tiles
 from scalept.errors import ConfigError
+from scalept.data.dataset import split_sequences
 from scalept.data.semantickitti import IGNORE_INDEX, Sequence
 from scalept.data.tiles import (FrameTiles, TileFile, TileFileError, is_complete, merge_tile_files,
                                 tile_file_path, write_tile_file)
@@ -51,13 +52,7 @@ class Unit:
 
 def sequences_of(cfg: DictConfig) -> list[str]:
     """Sequences of the splits named in ``preprocess.splits``, in a stable order."""
-    names: list[str] = []
-    for split in cfg.preprocess.splits:
-        if split not in cfg.dataset.splits:
-            raise ConfigError(f"preprocess.splits names {split!r}, but dataset.splits has only "
-                           f"{', '.join(cfg.dataset.splits)}; fix one of the two")
-        names += [str(s) for s in cfg.dataset.splits[split] if str(s) not in names]
-    return names
+    return split_sequences(cfg.dataset.splits, cfg.preprocess.splits, "preprocess.splits")
 
 
 def plan_units(cfg: DictConfig) -> list[Unit]:

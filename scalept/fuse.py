@@ -3,7 +3,7 @@
 ``python -m scalept.launch stage=fuse fusion=<name> run_dir=...`` runs as its own
 process (a separate Slurm job after inference). It reads every chunk file that
 stage=infer wrote under ``<run_dir>/infer/<fusion.name>/`` (layout: see
-:mod:`scalept.infer`), first checks that every tile of every frame of
+:mod:`scalept.infer`, laid out as :mod:`scalept.shards` says), first checks that every tile of every frame of
 ``infer.splits`` is there (a missing shard or tile stops the stage with one line
 naming it, never a silently lower mIoU), then per frame:
 
@@ -45,8 +45,8 @@ from scalept.atomic import atomic_path
 from scalept.data.semantickitti import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, to_raw, write_labels
 from scalept.data.tiles import TileFile, tile_file_path
 from scalept.errors import ConfigError
-from scalept.infer import (Chunk, InferenceError, infer_dir, infer_sequences, plan_chunks, shard_kind,
-                           usable_chunk_file, values_name)
+from scalept.infer import infer_dir, infer_sequences
+from scalept.shards import Chunk, InferenceError, plan_chunks, shard_kind, usable_chunk_file, values_name
 from scalept.metrics import accuracy, confusion_matrix, iou_per_class, mean_iou
 
 log = logging.getLogger(__name__)

@@ -37,11 +37,6 @@ OmegaConf.register_new_resolver(
     "scalept.tasks_per_node", lambda gpus_per_node: 1 if gpus_per_node is None else int(gpus_per_node), replace=True)
 
 
-def split_sequences(cfg: DictConfig) -> list[str]:
-    """Every sequence named in dataset.splits, each once, in order."""
-    return list(dict.fromkeys(str(s) for seqs in cfg.dataset.splits.values() for s in seqs))
-
-
 def synth(cfg: DictConfig) -> None:
     """Generate the synthetic dataset (frames that already exist are kept)."""
     settings = cfg.dataset.get("synthetic")
@@ -52,8 +47,11 @@ def synth(cfg: DictConfig) -> None:
         return
     from preprocessing.synthetic.generate import generate_dataset
 
+    from scalept.data.dataset import split_sequences
+
     frames = int(settings.frames_per_sequence)
-    generate_dataset(cfg.dataset.root, {s: frames for s in split_sequences(cfg)}, seed=int(settings.seed),
+    sequences = split_sequences(cfg.dataset.splits, list(cfg.dataset.splits), "dataset.splits")
+    generate_dataset(cfg.dataset.root, {s: frames for s in sequences}, seed=int(settings.seed),
                      azimuth_steps=int(settings.azimuth_steps), progress=sys.stderr.isatty())
     log.info("synth: dataset ready under %s", cfg.dataset.root)
 

@@ -12,7 +12,7 @@ from inference_helpers import base_overrides, compose, prepare_tiles, save_rando
 from scalept import fuse, infer
 from scalept.data.semantickitti import NUM_CLASSES, read_labels
 from scalept.errors import ConfigError, ScalePTError
-from scalept.infer import InferenceError
+from scalept.shards import InferenceError
 
 
 def softmax(x):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from inference_helpers import base_overrides, compose, prepare_tiles, save_random_checkpoint
-from scalept import fuse, infer
+from scalept import fuse, infer, shards
 from scalept.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from scalept.data.dataset import voxelize
 from scalept.data.semantickitti import read_labels, to_raw
@@ -17,8 +17,8 @@ from scalept.data.tiles import TileFile, tile_file_path
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_chunks_cover_every_frame_exactly_once(world_size):
     counts = {"08": 7, "09": 3, "10": 1}
-    chunks = infer.plan_chunks(counts, 2)
-    seen = [(c.sequence, f) for r in range(world_size) for c in infer.shard_chunks(chunks, r, world_size)
+    chunks = shards.plan_chunks(counts, 2)
+    seen = [(c.sequence, f) for r in range(world_size) for c in shards.shard_chunks(chunks, r, world_size)
             for f in range(c.start, c.stop)]
     assert sorted(seen) == sorted((s, f) for s, n in counts.items() for f in range(n))
     assert len(seen) == len(set(seen))
@@ -37,13 +37,13 @@ def test_shards_cover_every_tile_exactly_once(block_tiles, world_size):
     cfg = compose(*base_overrides(block_tiles))
     tile_file = TileFile(tile_file_path(cfg.tiles_dir, cfg.sampling.name, "08"))
     assert tile_file.num_tiles > tile_file.num_frames  # several tiles a frame
-    chunks = infer.plan_chunks({"08": tile_file.num_frames}, 1)
-    shards = [infer.shard_tiles({"08": tile_file}, chunks, r, world_size) for r in range(world_size)]
-    every = [pair for shard in shards for pair in shard]
+    chunks = shards.plan_chunks({"08": tile_file.num_frames}, 1)
+    per_rank = [shards.shard_tiles({"08": tile_file}, chunks, r, world_size) for r in range(world_size)]
+    every = [pair for shard in per_rank for pair in shard]
     assert sorted(every) == [("08", t) for t in range(tile_file.num_tiles)]
     assert len(every) == len(set(every))
     if world_size == 3:  # 3 frames, 3 ranks: one frame each
-        assert all(len({tile_file.tile_frame[t] for _, t in shard}) == 1 for shard in shards)
+        assert all(len({tile_file.tile_frame[t] for _, t in shard}) == 1 for shard in per_rank)
 
 
 def test_rerun_skips_finished_chunks_whatever_the_world_size(block_tiles):

@@ -119,6 +119,19 @@ def collate(samples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def split_sequences(dataset_splits: Mapping, split_names: Sequence[str], key: str) -> list[str]:
+    """Sequences of the named splits (``key`` is the config key that named them), each once, in order."""
+    from scalept.errors import ConfigError
+
+    names: list[str] = []
+    for split in split_names:
+        if split not in dataset_splits:
+            raise ConfigError(f"{key} names {split!r}, but dataset.splits has only "
+                              f"{', '.join(dataset_splits)}; fix one of the two")
+        names += [str(s) for s in dataset_splits[split] if str(s) not in names]
+    return names
+
+
 def split_tile_files(tiles_dir: str | os.PathLike, sampling: str, sequences: Sequence[str]) -> list[Path]:
     """The tile files of a split's sequences, ``<tiles_dir>/<sampling>/<SS>.h5``."""
     from scalept.data.tiles import tile_file_path
