@@ -85,6 +85,7 @@ def resolve_env(environ: dict[str, str] | None = None) -> DistEnv:
 
 _ENV: DistEnv | None = None
 _CONTROL: dist.ProcessGroup | None = None
+_STORE: dist.TCPStore | None = None  # job_barrier's
 
 
 def get_env() -> DistEnv:
@@ -163,6 +164,24 @@ def barrier() -> None:
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             dist.barrier()
+
+
+def job_barrier(name: str, timeout_s: float = 1800.0) -> None:
+    """Wait until every process of the job has reached ``name``, with or without a process group.
+
+    For the launcher between the stages of one multi-task job: each stage starts and ends
+    its own process group, so this uses a TCP store of its own on ``MASTER_PORT + 1``
+    (served by rank 0, kept for the life of the process). No-op for a single process.
+    """
+    global _STORE
+    env = resolve_env()
+    if env.world_size <= 1:
+        return
+    if _STORE is None:
+        _STORE = dist.TCPStore(env.master_addr, env.master_port + 1, env.world_size, env.rank == 0,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    _STORE.set(f"barrier/{name}/{env.rank}", "1")
+    _STORE.wait([f"barrier/{name}/{rank}" for rank in range(env.world_size)])
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
