@@ -23,6 +23,19 @@ def compose_cfg():
     return compose_config
 
 
+TINY_PIPELINE = [
+    "dataset.synthetic.frames_per_sequence=2", "dataset.synthetic.azimuth_steps=256", 'dataset.splits.train=["00"]',
+    "sampling.max_points=4000", "sampling.overlap=500", "train.max_steps=3", "train.val_every=0",
+    "train.num_workers=0", "infer.num_workers=0",
+]
+
+
+@pytest.fixture
+def tiny_pipeline(tmp_path) -> list[str]:
+    """Overrides that shrink the default pipeline to seconds, with data and run dirs under tmp_path."""
+    return [f"data_dir={tmp_path / 'data'}", f"run_dir={tmp_path / 'run'}", *TINY_PIPELINE]
+
+
 @pytest.fixture(scope="session")
 def real_root() -> Path:
     """The real SemanticKITTI scans of ../shared (set by .ci/run); tests using them skip without it."""

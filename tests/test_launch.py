@@ -10,15 +10,9 @@ import numpy as np
 from scalept.data.semantickitti import Sequence, read_labels, to_classes
 
 
-def test_default_pipeline_end_to_end(tmp_path):
+def test_default_pipeline_end_to_end(tmp_path, tiny_pipeline):
     run_dir = tmp_path / "run"
-    args = [
-        sys.executable, "-m", "scalept.launch", f"data_dir={tmp_path}", f"run_dir={run_dir}",
-        f"hydra.run.dir={tmp_path}/hydra", "dataset.synthetic.frames_per_sequence=2",
-        "dataset.synthetic.azimuth_steps=256", 'dataset.splits.train=["00"]', "sampling.max_points=4000",
-        "sampling.overlap=500", "train.max_steps=3", "train.val_every=0", "train.num_workers=0",
-        "infer.num_workers=0",
-    ]
+    args = [sys.executable, "-m", "scalept.launch", f"hydra.run.dir={tmp_path}/hydra", *tiny_pipeline]
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| **mIoU** |" in done.stderr + done.stdout  # the per-class table is printed
@@ -28,7 +22,7 @@ def test_default_pipeline_end_to_end(tmp_path):
     assert metrics["num_frames"] == 2 and metrics["num_fused"] + metrics["num_filled"] == metrics["num_points"]
     assert (out / "iou.md").is_file() and (out / "confusion.png").stat().st_size > 0
     assert (run_dir / "checkpoints" / "last.pt").is_file() and any((run_dir / "tb").iterdir())
-    val = Sequence(tmp_path / "synthetic" / "dataset", "08")
+    val = Sequence(tmp_path / "data" / "synthetic" / "dataset", "08")
     for index, frame_id in enumerate(val.frame_ids()):
         predicted = read_labels(out / "sequences" / "08" / "predictions" / f"{frame_id}.label")
         assert len(predicted) == len(val.frame(index).points)

@@ -87,8 +87,8 @@ def main(argv=None) -> dict:
                     "frames": len(frames), "mean_points": float(np.mean([len(f[1]) for f in frames])),
                     **time_strategy(frames, sampling, crop, args.repeats, Path(tmp)),
                 }
-    print(f"| data | strategy | frames | points/frame | tiles/frame | tiling frames/s/core | "
-          f"with HDF5 frames/s/core |\n|---|---|---|---|---|---|---|")
+    print("| data | strategy | frames | points/frame | tiles/frame | tiling frames/s/core | "
+          "with HDF5 frames/s/core |\n|---|---|---|---|---|---|---|")
     for key, r in results.items():
         data_name, strategy = key.split("/")
         print(f"| {data_name} | {strategy} | {r['frames']} | {r['mean_points']:,.0f} | {r['tiles_per_frame']:.1f} | "

@@ -7,6 +7,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,11 @@ class Cluster:
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout
         return [dict(field.split("=", 1) for field in line.split() if "=" in field)
                 for line in out.splitlines() if line.strip()]
+
+    @staticmethod
+    def time(record: dict[str, str], key: str) -> datetime:
+        """A time field of a job record (StartTime, EndTime, ...)."""
+        return datetime.fromisoformat(record[key])
 
     def wait_finished(self, job_id: str, timeout: float = 180) -> list[dict[str, str]]:
         """Poll until no record of the job is pending or running; returns the final records."""

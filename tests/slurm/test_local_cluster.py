@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from scalept.data.semantickitti import Sequence
 from scalept.data.tiles import TileFile, is_complete, tile_file_path

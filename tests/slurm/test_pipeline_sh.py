@@ -6,29 +6,18 @@ import re
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The tiny configuration of tests/test_launch.py, with its own data and run directories.
-TINY = ["dataset.synthetic.frames_per_sequence=2", "dataset.synthetic.azimuth_steps=256", 'dataset.splits.train=["00"]',
-        "sampling.max_points=4000", "sampling.overlap=500", "train.max_steps=3", "train.val_every=0",
-        "train.num_workers=0", "infer.num_workers=0"]
 
-
-def _time(record: dict[str, str], key: str) -> datetime:
-    return datetime.fromisoformat(record[key])
-
-
-def test_pipeline_sh_chains_preprocess_train_and_fuse(cluster, tmp_path):
-    overrides = [f"data_dir={tmp_path / 'data'}", f"run_dir={tmp_path / 'run'}", *TINY]
+def test_pipeline_sh_chains_preprocess_train_and_fuse(cluster, tmp_path, tiny_pipeline):
     # sbatch exports this environment to the jobs: the test's Python, and the master address that
     # works here (the node names n1, n2 do not resolve on the local cluster).
     env = {**cluster.env, "SCALEPT_PYTHON": sys.executable, "SCALEPT_MASTER_ADDR": "127.0.0.1"}
     started = time.monotonic()
     submit = subprocess.run([str(ROOT / "slurm" / "pipeline.sh"), "--nodes=2", "--ntasks-per-node=1",
-                             "--sbatch=--mem=1G", *overrides],
+                             "--sbatch=--mem=1G", *tiny_pipeline],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert submit.returncode == 0, submit.stderr[-3000:]
     jobs = dict(line.split("=", 1) for line in submit.stdout.split())
@@ -54,7 +43,7 @@ def test_pipeline_sh_chains_preprocess_train_and_fuse(cluster, tmp_path):
     train_log = log("train", jobs["train"])
     assert train["JobState"] == "COMPLETED", train_log[-3000:]
     assert (train["NodeList"], train["NumNodes"], train["NumTasks"]) == ("n[1-2]", "2", "2")
-    assert _time(train, "StartTime") >= max(_time(r, "EndTime") for r in pre)  # afterok on the whole array
+    assert cluster.time(train, "StartTime") >= max(cluster.time(r, "EndTime") for r in pre)  # afterok on the whole array
     for step in ("train", "infer"):  # both job steps: rank 0 on n1, rank 1 on n2, one world of 2
         ranks = re.findall(rf"scalept-{step}: rank (\d) of (\d) on node (n\d)", train_log)
         assert sorted(ranks) == [("0", "2", "n1"), ("1", "2", "n2")], train_log[-3000:]
@@ -66,11 +55,11 @@ def test_pipeline_sh_chains_preprocess_train_and_fuse(cluster, tmp_path):
 
     (fuse,) = finished["fuse"]
     assert fuse["JobState"] == "COMPLETED", log("fuse", jobs["fuse"])[-3000:]
-    assert _time(fuse, "StartTime") >= _time(train, "EndTime")  # a separate job, after inference ended
+    assert cluster.time(fuse, "StartTime") >= cluster.time(train, "EndTime")  # a separate job, after inference ended
     metrics = json.loads((infer_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["miou"] <= 1.0 and metrics["scored_sequences"] == ["08"]
     for stage in ("preprocess", "train", "fuse"):
         records = finished[stage]
-        seconds = max(_time(r, "EndTime") for r in records) - min(_time(r, "StartTime") for r in records)
+        seconds = max(cluster.time(r, "EndTime") for r in records) - min(cluster.time(r, "StartTime") for r in records)
         print(f"  {stage} job {jobs[stage]}: {','.join(r['JobState'] for r in records)}, "
               f"{seconds.total_seconds():.0f} s on {','.join(sorted({r['NodeList'] for r in records}))}")

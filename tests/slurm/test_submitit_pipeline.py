@@ -6,28 +6,16 @@ import re
 import subprocess
 import sys
 import time
-from datetime import datetime
-from pathlib import Path
-
-# The tiny configuration of tests/test_launch.py.
-TINY = ["dataset.synthetic.frames_per_sequence=2", "dataset.synthetic.azimuth_steps=256", 'dataset.splits.train=["00"]',
-        "sampling.max_points=4000", "sampling.overlap=500", "train.max_steps=3", "train.val_every=0",
-        "train.num_workers=0", "infer.num_workers=0"]
 
 
-def _time(record: dict[str, str], key: str) -> datetime:
-    return datetime.fromisoformat(record[key])
-
-
-def test_submitit_pipeline_job_is_one_ddp_world_and_fusion_follows(cluster, tmp_path):
+def test_submitit_pipeline_job_is_one_ddp_world_and_fusion_follows(cluster, tmp_path, tiny_pipeline):
     run_dir = tmp_path / "run"
     sweep = tmp_path / "sweep"
-    overrides = [f"data_dir={tmp_path / 'data'}", f"run_dir={run_dir}", *TINY]
     env = {**cluster.env, "SCALEPT_MASTER_ADDR": "127.0.0.1"}  # n1, n2 do not resolve on the local cluster
     started = time.monotonic()
     run = subprocess.run(
         [sys.executable, "-m", "scalept.launch", "-m", "stage=pipeline", "sampling=hilbert", "cluster=slurm",
-         "nodes=2", f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10", *overrides],
+         "nodes=2", f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10", *tiny_pipeline],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     print(f"\npipeline job through submitit: {time.monotonic() - started:.1f} s")
@@ -44,7 +32,7 @@ def test_submitit_pipeline_job_is_one_ddp_world_and_fusion_follows(cluster, tmp_
     (fuse,) = cluster.wait_finished(fuse_job, timeout=120)
     fuse_log = (sweep / ".submitit" / fuse_job / f"{fuse_job}_0_log.err")
     assert fuse["JobState"] == "COMPLETED", fuse_log.read_text()[-3000:] if fuse_log.exists() else fuse
-    assert _time(fuse, "StartTime") >= _time(pipeline, "EndTime")  # a separate job, after inference ended
+    assert cluster.time(fuse, "StartTime") >= cluster.time(pipeline, "EndTime")  # a separate job, after inference ended
 
     rank_line = re.compile(r"scalept-launch: job \S+, rank (\d) of (\d) on node (n\d)")
     seen = {}
@@ -60,5 +48,5 @@ def test_submitit_pipeline_job_is_one_ddp_world_and_fusion_follows(cluster, tmp_
     metrics = json.loads((infer_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["miou"] <= 1.0 and metrics["scored_sequences"] == ["08"]
     for name, record in (("pipeline", pipeline), ("fuse", fuse)):
-        seconds = (_time(record, "EndTime") - _time(record, "StartTime")).total_seconds()
+        seconds = (cluster.time(record, "EndTime") - cluster.time(record, "StartTime")).total_seconds()
         print(f"  {name} job {record['JobId']}: {record['JobState']}, {seconds:.0f} s on {record['NodeList']}")
