@@ -64,8 +64,23 @@ def sequence_units(cfg: DictConfig, sequence_name: str) -> list[Unit]:
     per_task = int(cfg.preprocess.frames_per_task)
     if per_task < 1:
         raise ConfigError(f"preprocess.frames_per_task={per_task} must be >= 1")
-    n = len(Sequence(cfg.dataset.root, sequence_name))
+    n = frame_count(cfg, sequence_name)
     return [Unit(sequence_name, lo, min(n, lo + per_task)) for lo in range(0, n, per_task)]
+
+
+def frame_count(cfg: DictConfig, sequence_name: str) -> int:
+    """Frames of a sequence; for a synthetic dataset, also those stage=synth has yet to write.
+
+    So a preprocessing array planned before the synth job ran (slurm_jobs.PreprocessFirst)
+    has the same units as its tasks see once the frames exist.
+    """
+    synthetic = cfg.dataset.get("synthetic")
+    velodyne = Path(cfg.dataset.root) / "sequences" / sequence_name / "velodyne"
+    if synthetic is None or velodyne.is_dir() and any(velodyne.iterdir()):
+        on_disk = len(Sequence(cfg.dataset.root, sequence_name))
+    else:
+        on_disk = 0
+    return on_disk if synthetic is None else max(on_disk, int(synthetic.frames_per_sequence))
 
 
 def _parts_dir(cfg: DictConfig, sequence: str) -> Path:

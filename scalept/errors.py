@@ -7,3 +7,7 @@ class ScalePTError(Exception):
 
 class ConfigError(ScalePTError, ValueError):
     """A config value is missing or out of range."""
+
+
+class TrainingInterrupted(ScalePTError, RuntimeError):
+    """Training stopped on a signal after writing last.pt; rerunning the same command resumes it."""

@@ -15,7 +15,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from scalept.errors import ConfigError, ScalePTError
+from scalept import slurm_jobs
+from scalept.errors import ConfigError, ScalePTError, TrainingInterrupted
 
 log = logging.getLogger("scalept")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -85,12 +86,6 @@ STEPS: dict[str, Callable[[DictConfig], None]] = {
 }
 
 
-def fuse_job(cfg: DictConfig) -> None:
-    """The fusion job that rank 0 of a multi-task Slurm job submits (see :func:`_submit_fuse`)."""
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    fuse(cfg)
-
-
 def _multi_task_job():
     """submitit's JobEnvironment when this is a task of a submitit job of several tasks, else None."""
     if not os.environ.get("SUBMITIT_EXECUTOR"):
@@ -113,28 +108,6 @@ def _export_dist_env(job) -> None:
              env.world_size, node, env.local_rank, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
 
 
-def _submit_fuse(cfg: DictConfig, job) -> str:
-    """Submit fusion as its own one-task Slurm job that starts when this job has ended well (afterok)."""
-    import submitit
-    from hydra.core.hydra_config import HydraConfig
-
-    launcher = HydraConfig.get().launcher
-    executor = submitit.SlurmExecutor(folder=str(launcher.submitit_folder))
-    executor.update_parameters(
-        job_name="scalept-fuse", nodes=1, ntasks_per_node=1, time=int(launcher.timeout_min),
-        partition=launcher.partition, account=launcher.account, qos=launcher.qos, constraint=launcher.constraint,
-        cpus_per_task=launcher.cpus_per_task, mem=None if launcher.mem_gb is None else f"{launcher.mem_gb}GB",
-        setup=list(launcher.setup or []), additional_parameters=dict(launcher.additional_parameters or {}),
-        dependency=f"afterok:{job.job_id}")
-    slurm_conf = os.environ.get("SLURM_CONF")
-    with submitit.helpers.clean_env():  # not this job's SLURM_*/RANK/... variables
-        if slurm_conf:  # the cluster's config file is no property of this job
-            os.environ["SLURM_CONF"] = slurm_conf
-        fuse_id = executor.submit(fuse_job, cfg).job_id
-    log.info("scalept-launch: fusion submitted as job %s (afterok:%s)", fuse_id, job.job_id)
-    return fuse_id
-
-
 def run(cfg: DictConfig) -> None:
     steps = list(cfg.stage.steps)
     for step in steps:
@@ -150,13 +123,18 @@ def run(cfg: DictConfig) -> None:
             STEPS[step](cfg)
             continue
         if step != "synth" or job.global_rank == 0:  # one writer of the synthetic frames
-            STEPS[step](cfg)
+            try:
+                STEPS[step](cfg)
+            except TrainingInterrupted:  # preempted: rank 0 requeues the job (submitit), the others wait
+                if job.global_rank != 0:
+                    slurm_jobs.wait_for_requeue(job)
+                raise
         if index + 1 < len(steps):  # the next step reads what every rank of this one wrote
             from scalept.distributed import job_barrier
 
             job_barrier(f"after-{step}")
     if fuse_later and job.global_rank == 0:
-        _submit_fuse(cfg, job)
+        slurm_jobs.submit_fuse(cfg, job)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -24,7 +24,8 @@ would have ended it (default action: terminated by the signal), and a
 launcher's own handler (submitit's checkpoint-and-requeue on USR2) runs after
 the checkpoint. If that handler returns, ``run`` raises
 :class:`TrainingInterrupted` (one line, exit code 1 from the launcher) so a
-pipeline never goes on with a half-trained model. ``train.stop_at_step``
+pipeline never goes on with a half-trained model; so does a rank that stopped
+only because another rank was signalled. ``train.stop_at_step``
 simulates the same stop at a given step without a signal and then returns
 normally (tests, debugging). ``last.pt`` is also written after every epoch.
 
@@ -54,7 +55,7 @@ from omegaconf import DictConfig
 from scalept import distributed as dist_env
 from scalept.checkpoint import checkpoint_path
 from scalept.data.semantickitti import NUM_CLASSES
-from scalept.errors import ScalePTError
+from scalept.errors import TrainingInterrupted
 from scalept.losses import segmentation_loss  # looked up here at every step: tests wrap it
 from scalept.metrics import mean_iou
 from scalept.model import build_model
@@ -76,10 +77,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ALLOC_CONF = "expandable_segments:True"
-
-
-class TrainingInterrupted(ScalePTError, RuntimeError):
-    """Training stopped on a signal after writing last.pt; rerunning the same command resumes it."""
+ANOTHER_RANK = "another rank's signal"  # why a rank that caught no signal itself stops
 
 
 def run(cfg: DictConfig) -> dict:
@@ -180,7 +178,7 @@ def _train(cfg: DictConfig, env: dist_env.DistEnv) -> dict:
                 if stopping or step % reporter.log_every == 0 or step >= total_steps:
                     steps_log.flush(step, step_lr, epoch)
                 if stopping:
-                    stop.reason = stop.reason or "another rank's signal"
+                    stop.reason = stop.reason or ANOTHER_RANK
                     checkpointer.save(last_path, epoch, micro, step, best_miou)
                     preempted = True
                     if main:
@@ -228,10 +226,11 @@ def _train(cfg: DictConfig, env: dist_env.DistEnv) -> dict:
             reporter.hparams(cfg, {"best_val_miou": metrics["best_val_miou"] or 0.0, "final_loss": steps_log.last_loss})
         write_train_metrics(run_dir, metrics)
     reporter.close()
-    if stop.signum is not None:  # a real signal: let its previous owner act (default: terminate)
+    if stop.signum is not None or stop.reason == ANOTHER_RANK:  # never go on with a half-trained model
         dist_env.barrier()
         dist_env.teardown()
-        stop.reraise()
+        if stop.signum is not None:  # a real signal: let its previous owner act (default: terminate)
+            stop.reraise()
         raise TrainingInterrupted(f"training stopped by {stop.reason} at step {step}; {last_path} written; "
                                   "rerun the same command to resume")
     return {**metrics, "step_losses": steps_log.step_losses, "param_digest": param_digest(unwrap(model))}

@@ -1,0 +1,236 @@
+"""The Slurm jobs a ``cluster=slurm`` multirun submits besides the sweep's own array job.
+
+For ``python -m scalept.launch -m sampling=block,hilbert cluster=slurm nodes=2`` the
+cluster sees, in dependency order (every arrow is ``--dependency=afterok``):
+
+1. ``scalept-synth`` (one task), only when the synthetic dataset is not generated yet;
+2. ``scalept-preprocess-<sampling>``: one array job per strategy whose tiles are
+   missing, ``--array=0-N%K``, one task per (sequence, chunk) unit;
+3. the sweep's array job (hydra-submitit-launcher), one task per sweep point, each
+   ``nodes`` nodes wide; it waits for every preprocessing array of the sweep (one
+   array job has one dependency list);
+4. ``scalept-fuse``: one per sweep point, submitted by that point's rank 0 when
+   training and inference have finished, starting when its array task ended well.
+
+Steps 1-2 happen in :class:`PreprocessFirst`, a Hydra callback that runs in the
+launching process before the launcher submits anything; step 4 in :func:`submit_fuse`.
+Jobs with a dependency that can no longer be met are cancelled by Slurm
+(``--kill-on-invalid-dep=yes``) rather than left pending forever.
+
+Preemption and time limits are submitit's: on USR2 the training loop writes ``last.pt``
+and hands the signal back to submitit, whose handler on rank 0 requeues the job through
+the launcher's ``checkpoint()``; the requeued job reruns the same steps, each of which
+skips finished work, so training resumes from ``last.pt`` (:func:`wait_for_requeue`
+keeps the other ranks from ending the job step first).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from scalept.errors import ScalePTError
+
+log = logging.getLogger("scalept")
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+def executor(launcher: DictConfig, job_name: str, dependency: str | None = None, **resources):
+    """A submitit Slurm executor with the site settings of ``hydra.launcher`` and the given resources.
+
+    Partition, account, QOS, constraint, setup lines and extra sbatch options come from the
+    launcher config (cluster/slurm.yaml), so these jobs land where the sweep's jobs do.
+    """
+    import submitit
+
+    extra = {k: v for k, v in OmegaConf.to_container(launcher.additional_parameters).items()
+             if k != "dependency"}  # a dependency of the sweep's jobs is not one of these
+    if dependency:
+        extra["dependency"] = dependency
+        extra["kill_on_invalid_dep"] = "yes"
+    ex = submitit.SlurmExecutor(folder=str(launcher.submitit_folder), max_num_timeout=int(launcher.max_num_timeout))
+    ex.update_parameters(job_name=job_name, partition=launcher.partition, account=launcher.account,
+                         qos=launcher.qos, constraint=launcher.constraint, setup=list(launcher.setup or []),
+                         additional_parameters=extra, **resources)
+    return ex
+
+
+def _submit_from_job(submit):
+    """Run ``submit()`` without this job's SLURM_* variables (they would leak into sbatch), keeping SLURM_CONF."""
+    import submitit
+
+    slurm_conf = os.environ.get("SLURM_CONF")
+    with submitit.helpers.clean_env():
+        if slurm_conf:  # the cluster's config file is no property of this job
+            os.environ["SLURM_CONF"] = slurm_conf
+        return submit()
+
+
+# ----------------------------------------------------------------------------- fusion after the job
+
+
+def fuse_job(cfg: DictConfig) -> None:
+    """Body of the fusion job: fuse the shards every rank of the sweep point's job wrote."""
+    from scalept.launch import STEPS
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    STEPS["fuse"](cfg)
+
+
+def submit_fuse(cfg: DictConfig, job) -> str:
+    """Submit fusion as its own one-task job that starts when this job has ended well (afterok)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    launcher = HydraConfig.get().launcher
+    ex = executor(launcher, "scalept-fuse", dependency=f"afterok:{job.job_id}", nodes=1, ntasks_per_node=1,
+                  time=int(launcher.timeout_min), cpus_per_task=launcher.cpus_per_task,
+                  mem=None if launcher.mem_gb is None else f"{launcher.mem_gb}GB")
+    fuse_id = _submit_from_job(lambda: ex.submit(fuse_job, cfg).job_id)
+    log.info("scalept-launch: fusion submitted as job %s (afterok:%s)", fuse_id, job.job_id)
+    return fuse_id
+
+
+def wait_for_requeue(job, timeout_s: float = 300.0) -> None:
+    """On a rank other than 0 after a preemption stop: give rank 0 time to requeue the job.
+
+    submitit's handler requeues from rank 0 only; a rank that exits with an error first
+    ends the job step (SLURM_KILL_BAD_EXIT) and may kill rank 0 before it has requeued.
+    Slurm ends this process when the requeue happens; the timeout covers a rank 0 that
+    could not requeue.
+    """
+    log.info("scalept-launch: rank %d waits up to %.0f s for rank 0 to requeue job %s",
+             job.global_rank, timeout_s, job.job_id)
+    time.sleep(timeout_s)
+
+
+# ----------------------------------------------------------------------------- tiles before training
+
+
+def sweep_points(overrides: list[str]) -> list[list[str]]:
+    """The override list of every job of a basic-sweeper multirun (the cartesian product of the sweeps)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            if not override.is_discrete_sweep():
+                raise ValueError(f"{override.input_line}: only comma-separated sweeps are supported")
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([f"{key}={override.get_value_element_as_str()}"])
+    return [list(point) for point in itertools.product(*choices)]
+
+
+def missing_sequences(cfg: DictConfig) -> list[str]:
+    """Sequences of ``preprocess.splits`` without a complete tile file for ``cfg.sampling``."""
+    from preprocessing.preprocess import sequences_of
+    from scalept.data.tiles import is_complete, tile_file_path
+
+    return [s for s in sequences_of(cfg) if not is_complete(tile_file_path(cfg.tiles_dir, cfg.sampling.name, s))]
+
+
+def synthetic_missing(cfg: DictConfig) -> bool:
+    """True when a synthetic dataset has fewer frames on disk than ``stage=synth`` would write."""
+    from scalept.data.dataset import split_sequences
+
+    if cfg.dataset.get("synthetic") is None:
+        return False
+    wanted = int(cfg.dataset.synthetic.frames_per_sequence)
+    root = Path(cfg.dataset.root) / "sequences"
+    return any(len(list((root / s / "velodyne").glob("*.bin"))) < wanted
+               for s in split_sequences(cfg.dataset.splits, list(cfg.dataset.splits), "dataset.splits"))
+
+
+def synth_task(cfg: DictConfig) -> None:
+    """Body of the synth job."""
+    from scalept.launch import STEPS
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    STEPS["synth"](cfg)
+
+
+def preprocess_task(cfg: DictConfig, task_id: int) -> None:
+    """Body of one task of the preprocessing array: unit ``task_id``."""
+    from scalept.launch import STEPS
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.preprocess.task_id = task_id
+    STEPS["preprocess"](cfg)
+
+
+class PreprocessFirst(Callback):
+    """Hydra callback (cluster/slurm.yaml): tile missing strategies as sbatch arrays before the sweep's jobs.
+
+    Only sweep points whose steps tile and then train (e.g. ``stage=pipeline``) count: a
+    ``stage=preprocess`` multirun tiles inside its own jobs. The sweep's array job then
+    depends on every array submitted here (``afterok``); its own preprocess step finds the
+    tiles complete and skips them.
+    """
+
+    def __init__(self, array_parallelism: int = 32, cpus_per_task: int = 1, mem_gb: int | None = 8,
+                 timeout_min: int = 60) -> None:
+        self.array_parallelism = int(array_parallelism)
+        self.resources = {"ntasks_per_node": 1, "nodes": 1, "cpus_per_task": int(cpus_per_task),
+                          "mem": None if mem_gb is None else f"{mem_gb}GB", "time": int(timeout_min)}
+
+    def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs) -> None:
+        # Hydra turns a callback's exception into a warning and goes on submitting: stop here instead.
+        try:
+            self._submit(config, config_name)
+        except ScalePTError as err:
+            log.error("%s", err)
+            sys.exit(1)
+        except Exception as err:  # e.g. sbatch refused the job: one line, nothing else submitted
+            log.error("scalept-launch: could not submit the preprocessing jobs: %s: %s", type(err).__name__,
+                      str(err).strip().splitlines()[-1] if str(err).strip() else "")
+            sys.exit(1)
+
+    def _submit(self, config: DictConfig, config_name: str | None) -> None:
+        from hydra import compose
+
+        from preprocessing.preprocess import plan_units
+
+        launcher = config.hydra.launcher
+        job_ids, seen, synth_ids = [], set(), {}  # synth_ids: dataset root -> its synth job
+        for overrides in sweep_points(list(config.hydra.overrides.task)):
+            cfg = compose(config_name=config_name, overrides=overrides)
+            steps = list(cfg.stage.steps)
+            if "preprocess" not in steps or "train" not in steps:
+                continue
+            key = (str(Path(cfg.tiles_dir).resolve()), cfg.sampling.name)
+            if key in seen or not missing_sequences(cfg):
+                continue
+            seen.add(key)
+            root = str(Path(cfg.dataset.root).resolve())
+            if root not in synth_ids and "synth" in steps and synthetic_missing(cfg):
+                synth_ids[root] = executor(launcher, "scalept-synth", **self.resources).submit(synth_task, cfg).job_id
+                log.info("scalept-launch: synthetic dataset %s: synth job %s", cfg.dataset.root, synth_ids[root])
+                job_ids.append(synth_ids[root])
+            after = f"afterok:{synth_ids[root]}" if root in synth_ids else None
+            units = plan_units(cfg)
+            ex = executor(launcher, f"scalept-preprocess-{cfg.sampling.name}", dependency=after, **self.resources)
+            ex.update_parameters(array_parallelism=self.array_parallelism)
+            jobs = ex.map_array(preprocess_task, [cfg] * len(units), list(range(len(units))))
+            array_id = jobs[0].job_id.split("_")[0]
+            job_ids.append(array_id)
+            log.info("scalept-launch: tiles of sampling=%s missing under %s: preprocessing array job %s "
+                     "(--array=0-%d%%%d)", cfg.sampling.name, cfg.tiles_dir, array_id, len(units) - 1,
+                     self.array_parallelism)
+        if not job_ids:
+            return
+        with read_write(config.hydra), open_dict(config.hydra):
+            extra = config.hydra.launcher.additional_parameters
+            earlier = extra.get("dependency")
+            extra.dependency = ",".join(filter(None, [earlier, f"afterok:{':'.join(job_ids)}"]))
+            extra.kill_on_invalid_dep = "yes"
+        log.info("scalept-launch: the sweep's jobs start after %s", extra.dependency)
