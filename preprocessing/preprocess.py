@@ -69,18 +69,16 @@ def sequence_units(cfg: DictConfig, sequence_name: str) -> list[Unit]:
 
 
 def frame_count(cfg: DictConfig, sequence_name: str) -> int:
-    """Frames of a sequence; for a synthetic dataset, also those stage=synth has yet to write.
+    """Frames of a sequence; for a synthetic sequence not generated yet, the frames stage=synth will write.
 
-    So a preprocessing array planned before the synth job ran (slurm_jobs.PreprocessFirst)
-    has the same units as its tasks see once the frames exist.
+    So a preprocessing array can be planned before its synth job has run
+    (scalept.slurm_jobs.PreprocessFirst).
     """
     synthetic = cfg.dataset.get("synthetic")
     velodyne = Path(cfg.dataset.root) / "sequences" / sequence_name / "velodyne"
-    if synthetic is None or velodyne.is_dir() and any(velodyne.iterdir()):
-        on_disk = len(Sequence(cfg.dataset.root, sequence_name))
-    else:
-        on_disk = 0
-    return on_disk if synthetic is None else max(on_disk, int(synthetic.frames_per_sequence))
+    if synthetic is not None and not (velodyne.is_dir() and any(velodyne.iterdir())):
+        return int(synthetic.frames_per_sequence)
+    return len(Sequence(cfg.dataset.root, sequence_name))
 
 
 def _parts_dir(cfg: DictConfig, sequence: str) -> Path:

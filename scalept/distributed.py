@@ -132,11 +132,17 @@ def init(backend: str | None = None, timeout_s: float = 1800.0) -> DistEnv:
     """Resolve the environment and, for more than one process, start the default process group.
 
     ``backend`` defaults to NCCL when CUDA is available and gloo otherwise. The
-    CUDA device of the local rank is selected before the group starts. Calling
+    CUDA device of the local rank is selected before the group starts. Inside a
+    Slurm task with ``--cpus-per-task`` (and no ``OMP_NUM_THREADS``) torch uses that
+    many threads: ranks sharing a node would otherwise each start one per core and
+    wait on each other (spconv's CPU convolutions slow down about tenfold). Calling
     it again while a group runs returns the same environment.
     """
     global _ENV
     _ENV = resolve_env()
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and not os.environ.get("OMP_NUM_THREADS"):  # the task's cores, not every core of a shared node
+        torch.set_num_threads(max(1, int(cpus)))
     if _ENV.world_size > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":

@@ -122,7 +122,8 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
         key = override.get_key_element()
         if override.is_sweep_override():
             if not override.is_discrete_sweep():
-                raise ValueError(f"{override.input_line}: only comma-separated sweeps are supported")
+                raise ValueError(f"{override.input_line}: interval sweeps need a sweeper plugin; "
+                                 "cluster=slurm tiles ahead only for comma-separated or range() sweeps")
             choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
         else:
             choices.append([f"{key}={override.get_value_element_as_str()}"])

@@ -42,7 +42,8 @@ def test_sweep_runs_as_preprocessing_arrays_one_ddp_array_job_and_dependent_fusi
     started = time.monotonic()
     run = subprocess.run(
         [sys.executable, "-m", "scalept.launch", "-m", "sampling=block,hilbert", "cluster=slurm", "nodes=2",
-         f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10", f"data_dir={tmp_path / 'data'}",
+         f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
+         f"data_dir={tmp_path / 'data'}",
          f"run_dir={tmp_path / 'runs'}/${{sampling.name}}", *tiny],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-3000:]
