@@ -72,7 +72,7 @@ def frame_count(cfg: DictConfig, sequence_name: str) -> int:
     """Frames of a sequence; for a synthetic sequence not generated yet, the frames stage=synth will write.
 
     So a preprocessing array can be planned before its synth job has run
-    (scalept.slurm_jobs.PreprocessFirst).
+    (scalept.slurm_jobs.PrepareSweep).
     """
     synthetic = cfg.dataset.get("synthetic")
     velodyne = Path(cfg.dataset.root) / "sequences" / sequence_name / "velodyne"

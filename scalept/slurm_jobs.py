@@ -12,7 +12,7 @@ cluster sees, in dependency order (every arrow is ``--dependency=afterok``):
 4. ``scalept-fuse``: one per sweep point, submitted by that point's rank 0 when
    training and inference have finished, starting when its array task ended well.
 
-Steps 1-2 happen in :class:`PreprocessFirst`, a Hydra callback that runs in the
+Steps 1-2 happen in :class:`PrepareSweep`, a Hydra callback that runs in the
 launching process before the launcher submits anything; step 4 in :func:`submit_fuse`.
 Jobs with a dependency that can no longer be met are cancelled by Slurm
 (``--kill-on-invalid-dep=yes``) rather than left pending forever.
@@ -36,7 +36,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from scalept.errors import ScalePTError
+from scalept.errors import ConfigError, ScalePTError
 
 log = logging.getLogger("scalept")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
@@ -150,6 +150,17 @@ def synthetic_missing(cfg: DictConfig) -> bool:
                for s in split_sequences(cfg.dataset.splits, list(cfg.dataset.splits), "dataset.splits"))
 
 
+def check_nodes(config: DictConfig, points: list[list[str]]) -> None:
+    """``nodes`` is a whole number >= 1 and the same for every sweep point (one allocation per multirun)."""
+    counts = {o.split("=", 1)[1] for point in points for o in point if o.split("=", 1)[0].lstrip("+") == "nodes"}
+    if len(counts) > 1:
+        raise ConfigError(f"nodes is swept ({', '.join(sorted(counts))}): the Slurm launcher sizes every job of a "
+                          "multirun alike; run one multirun per node count (nodes=1, then nodes=2)")
+    nodes = config.get("nodes")
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ConfigError(f"nodes={nodes!r}: give the number of nodes per job, a whole number >= 1 (e.g. nodes=2)")
+
+
 def synth_task(cfg: DictConfig) -> None:
     """Body of the synth job."""
     from scalept.launch import STEPS
@@ -169,17 +180,19 @@ def preprocess_task(cfg: DictConfig, task_id: int) -> None:
     STEPS["preprocess"](cfg)
 
 
-class PreprocessFirst(Callback):
-    """Hydra callback (cluster/slurm.yaml): tile missing strategies as sbatch arrays before the sweep's jobs.
+class PrepareSweep(Callback):
+    """Hydra callback of cluster=slurm, run by the launching process before the sweep is submitted.
 
-    Only sweep points whose steps tile and then train (e.g. ``stage=pipeline``) count: a
-    ``stage=preprocess`` multirun tiles inside its own jobs. The sweep's array job then
-    depends on every array submitted here (``afterok``); its own preprocess step finds the
+    Checks the node count, then (``tile_missing``) tiles missing strategies as sbatch arrays
+    and makes the sweep's array job depend on them (``afterok``). Only sweep points whose
+    steps tile and then train (e.g. ``stage=pipeline``) count: a ``stage=preprocess``
+    multirun tiles inside its own jobs. The sweep jobs' own preprocess step then finds the
     tiles complete and skips them.
     """
 
-    def __init__(self, array_parallelism: int = 32, cpus_per_task: int = 1, mem_gb: int | None = 8,
-                 timeout_min: int = 60) -> None:
+    def __init__(self, tile_missing: bool = True, array_parallelism: int = 32, cpus_per_task: int = 1,
+                 mem_gb: int | None = 8, timeout_min: int = 60) -> None:
+        self.tile_missing = bool(tile_missing)
         self.array_parallelism = int(array_parallelism)
         self.resources = {"ntasks_per_node": 1, "nodes": 1, "cpus_per_task": int(cpus_per_task),
                           "mem": None if mem_gb is None else f"{mem_gb}GB", "time": int(timeout_min)}
@@ -187,7 +200,10 @@ class PreprocessFirst(Callback):
     def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs) -> None:
         # Hydra turns a callback's exception into a warning and goes on submitting: stop here instead.
         try:
-            self._submit(config, config_name)
+            points = sweep_points(list(config.hydra.overrides.task))
+            check_nodes(config, points)
+            if self.tile_missing:
+                self._submit(config, config_name, points)
         except ScalePTError as err:
             log.error("%s", err)
             sys.exit(1)
@@ -196,14 +212,14 @@ class PreprocessFirst(Callback):
                       str(err).strip().splitlines()[-1] if str(err).strip() else "")
             sys.exit(1)
 
-    def _submit(self, config: DictConfig, config_name: str | None) -> None:
+    def _submit(self, config: DictConfig, config_name: str | None, points: list[list[str]]) -> None:
         from hydra import compose
 
         from preprocessing.preprocess import plan_units
 
         launcher = config.hydra.launcher
         job_ids, seen, synth_ids = [], set(), {}  # synth_ids: dataset root -> its synth job
-        for overrides in sweep_points(list(config.hydra.overrides.task)):
+        for overrides in points:
             cfg = compose(config_name=config_name, overrides=overrides)
             steps = list(cfg.stage.steps)
             if "preprocess" not in steps or "train" not in steps:

@@ -1,9 +1,10 @@
-"""scalept.slurm_jobs without a cluster: which jobs the PreprocessFirst callback would submit, and their order.
+"""scalept.slurm_jobs without a cluster: which jobs the PrepareSweep callback would submit, and their order.
 
 A recording executor stands in for submitit's; tests/slurm/ submits the same jobs to a real cluster.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -13,7 +14,7 @@ from omegaconf import open_dict
 from preprocessing.preprocess import frame_count, run
 from scalept import slurm_jobs
 from scalept.launch import CONF_DIR
-from scalept.slurm_jobs import PreprocessFirst, sweep_points
+from scalept.slurm_jobs import PrepareSweep, sweep_points
 
 
 def test_sweep_points_are_the_cartesian_product_of_the_sweeps():
@@ -89,8 +90,8 @@ def test_missing_tiles_are_tiled_by_arrays_after_one_synth_job(recording, tmp_pa
              "preprocess.frames_per_task=2"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = multirun_config(*sweep)
-        assert "preprocess_first" in cfg.hydra.callbacks
-        PreprocessFirst().on_multirun_start(config=cfg, config_name="config")
+        assert "prepare_sweep" in cfg.hydra.callbacks
+        PrepareSweep().on_multirun_start(config=cfg, config_name="config")
     # one synth job for the shared dataset, then one array per strategy: 7 sequences x 3 chunks of <= 2 frames
     assert [(e.name, e.dependency, e.submitted) for e in recording] == [
         ("scalept-synth", None, [("synth_task", None)]),
@@ -112,10 +113,10 @@ def test_nothing_is_submitted_when_tiles_exist_or_no_training_follows(recording,
         for sweep in (["sampling=knn", *data],  # tiles complete
                       ["stage=preprocess", "sampling=block,hilbert", *data]):  # the sweep's jobs tile themselves
             cfg = multirun_config(*sweep)
-            PreprocessFirst().on_multirun_start(config=cfg, config_name="config")
+            PrepareSweep().on_multirun_start(config=cfg, config_name="config")
             assert recording == [] and "dependency" not in cfg.hydra.launcher.additional_parameters
         cfg = multirun_config("sampling=knn,block", *data)  # block is missing: its array only, no synth job
-        PreprocessFirst().on_multirun_start(config=cfg, config_name="config")
+        PrepareSweep().on_multirun_start(config=cfg, config_name="config")
     assert [(e.name, e.dependency, e.submitted) for e in recording] == [
         ("scalept-preprocess-block", None, [("preprocess_task", [0, 1])])]  # 00 and 08, 100 frames per task
 
@@ -123,3 +124,18 @@ def test_nothing_is_submitted_when_tiles_exist_or_no_training_follows(recording,
 def test_frame_count_of_a_synthetic_sequence_not_generated_yet(compose_cfg, synthetic_root, tmp_path):
     assert frame_count(compose_cfg(f"dataset.root={tmp_path}", "dataset.synthetic.frames_per_sequence=4"), "00") == 4
     assert frame_count(compose_cfg(f"dataset.root={synthetic_root}"), "00") == 3  # on disk: what is there
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sampling=knn", "nodes=1,2"], r"nodes is swept \(1, 2\): .* one multirun per node count"),
+    (["sampling=knn", "nodes=two"], r"nodes='two': .* whole number >= 1"),
+    (["sampling=knn", "nodes=0"], r"nodes=0: "),
+])
+def test_bad_node_counts_stop_the_launch_with_one_line(recording, overrides, message, caplog):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = multirun_config(*overrides)
+        with pytest.raises(SystemExit) as stop:
+            PrepareSweep().on_multirun_start(config=cfg, config_name="config")
+    assert stop.value.code == 1 and recording == []
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert re.search(message, error) and "\n" not in error
