@@ -276,6 +276,7 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
             if pts:
                 ax.plot([n for n, _ in pts], [v for _, v in pts], marker="o", label=s)
         ax.set_xlabel("nodes")
+        ax.set_xticks(sorted({n for _, n in trained if n}))  # whole node counts only
         ax.set_ylabel("training points/s")
         ax.set_title("Scaling with node count")
         ax.legend(fontsize=8)
