@@ -86,14 +86,13 @@ STEPS: dict[str, Callable[[DictConfig], None]] = {
 }
 
 
-def _multi_task_job():
-    """submitit's JobEnvironment when this is a task of a submitit job of several tasks, else None."""
+def _submitit_job():
+    """submitit's JobEnvironment when this process is a task of a submitit (cluster=slurm) job, else None."""
     if not os.environ.get("SUBMITIT_EXECUTOR"):
         return None
     import submitit
 
-    job = submitit.JobEnvironment()
-    return job if job.num_tasks > 1 else None
+    return submitit.JobEnvironment()
 
 
 def _export_dist_env(job) -> None:
@@ -109,30 +108,36 @@ def _export_dist_env(job) -> None:
 
 
 def run(cfg: DictConfig) -> None:
+    """Run the stage's steps; in a Slurm job of several tasks, as one DDP world with barriers between steps.
+
+    In a Slurm job that predicts, fusion (which needs every rank's shards) becomes a job of its
+    own that rank 0 submits with afterok on this one, whatever the number of tasks.
+    """
     steps = list(cfg.stage.steps)
     for step in steps:
         if step not in STEPS:
             raise ConfigError(f"stage.steps names {step!r}; known steps: {', '.join(STEPS)}")
-    job = _multi_task_job()
-    fuse_later = job is not None and "fuse" in steps
-    if job is not None:  # one DDP world of the job's tasks; fusion needs every rank's shards: a job of its own
-        _export_dist_env(job)
-        steps = [step for step in steps if step != "fuse"]
-    for index, step in enumerate(steps):
-        if job is None:
+    job = _submitit_job()
+    fuse_later = job is not None and "fuse" in steps and "infer" in steps
+    if fuse_later:
+        steps.remove("fuse")
+    if job is None or job.num_tasks == 1:
+        for step in steps:
             STEPS[step](cfg)
-            continue
-        if step != "synth" or job.global_rank == 0:  # one writer of the synthetic frames
-            try:
-                STEPS[step](cfg)
-            except TrainingInterrupted:  # preempted: rank 0 requeues the job (submitit), the others wait
-                if job.global_rank != 0:
-                    slurm_jobs.wait_for_requeue(job)
-                raise
-        if index + 1 < len(steps):  # the next step reads what every rank of this one wrote
-            from scalept.distributed import job_barrier
+    else:
+        _export_dist_env(job)
+        for index, step in enumerate(steps):
+            if step not in ("synth", "fuse") or job.global_rank == 0:  # one writer of frames and fused labels
+                try:
+                    STEPS[step](cfg)
+                except TrainingInterrupted:  # preempted: rank 0 requeues the job (submitit), the others wait
+                    if job.global_rank != 0:
+                        slurm_jobs.wait_for_requeue(job)
+                    raise
+            if index + 1 < len(steps):  # the next step reads what every rank of this one wrote
+                from scalept.distributed import job_barrier
 
-            job_barrier(f"after-{step}")
+                job_barrier(f"after-{step}")
     if fuse_later and job.global_rank == 0:
         slurm_jobs.submit_fuse(cfg, job)
 
