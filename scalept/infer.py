@@ -208,6 +208,7 @@ def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None)
     batches, per_chunk = _batches(tile_files, todo, batch_size)
     amp = bool(cfg.infer.get("amp", True))
     tiles = points = frames = 0
+    phase_s = {"read": 0.0, "predict": 0.0, "write": 0.0}  # where the time goes: loader wait, model + copy, HDF5
     loader = _loader(paths, pairs, batches, grid_size, int(cfg.infer.num_workers), device.type == "cuda") \
         if pairs else None
     for chunk, n_batches in zip(todo, per_chunk):
@@ -217,11 +218,17 @@ def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None)
                                            "frame_stop": chunk.stop, "rank": rank, "world_size": world_size})
         try:
             for _ in range(n_batches):
+                t0 = time.perf_counter()
                 batch = next(loader)
+                t1 = time.perf_counter()
                 values, entropy = predict_batch(model, batch, device, kind, passes, amp)
+                t2 = time.perf_counter()
                 counts = np.diff(np.r_[0, batch["point_offsets"].numpy()])
                 writer.append(batch["tile"].tolist(), counts, batch["point_index"].numpy().astype(np.int32),
                               values, entropy)
+                phase_s["read"] += t1 - t0
+                phase_s["predict"] += t2 - t1
+                phase_s["write"] += time.perf_counter() - t2
                 tiles += len(counts)
                 points += len(values)
             writer.close()
@@ -233,7 +240,7 @@ def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None)
     elapsed = time.perf_counter() - started
     summary = {"rank": rank, "world_size": world_size, "chunks": len(mine), "chunks_predicted": len(todo),
                "frames_predicted": frames, "tiles_predicted": tiles, "points_predicted": points,
-               "seconds": elapsed, "files": sorted(p.name for p in done)}
+               "seconds": elapsed, "phase_seconds": phase_s, "files": sorted(p.name for p in done)}
     _write_json(out_dir / f"shard-{rank:03d}.json", summary)
     log.info("infer: rank %d predicted %d frames (%d tiles, %d points) in %.1f s (%.2f frames/s); shards in %s",
              rank, frames, tiles, points, elapsed, frames / elapsed if elapsed else 0.0, out_dir)

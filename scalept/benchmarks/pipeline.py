@@ -1,7 +1,8 @@
 """End-to-end inference + fusion throughput per sampling strategy: ``python -m scalept.benchmarks.pipeline``.
 
     python -m scalept.benchmarks.pipeline [--real PATH] [--synthetic-frames 4] [--strategies ...]
-                                          [--fusion logit_average] [--json runs/benchmarks/pipeline.json]
+                                          [--fusion logit_average] [--batch-size 8] [--workers 0]
+                                          [--json runs/benchmarks/pipeline.json]
 
 For every strategy the frames are tiled first (not timed), then stage=infer
 (tiles read -> logits -> shards) and stage=fuse (shards -> fused labels written,
@@ -98,6 +99,7 @@ def pipeline_case(base: list[str], strategy: str, fusion: str) -> dict:
         "tiling_s": tiling_s, "infer_s": infer_s, "fuse_s": fuse_s,
         "fps": frames / (infer_s + fuse_s), "infer_fps": frames / infer_s, "fuse_fps": frames / fuse_s,
         "fusion_mpts_per_s": metrics["fusion_mpoints_per_s"], "miou_random_weights": metrics["miou"],
+        "infer_phase_s": summary["phase_seconds"],
     }
 
 
@@ -156,6 +158,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--fusion", default="logit_average")
     parser.add_argument("--model", default=None, help="ptv3 or ptv3_tiny (default: ptv3 on GPU, tiny on CPU)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=0, help="infer.num_workers (DataLoader processes)")
     parser.add_argument("--json", type=Path, default=Path("runs/benchmarks/pipeline.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -165,10 +168,10 @@ def main(argv=None) -> dict:
     train = "outdoor" if model == "ptv3" else "embedded"
     results: dict = {"device": torch.cuda.get_device_name() if gpu else f"cpu ({os.cpu_count()} cores)",
                      "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                     "model": model, "fusion": args.fusion}
+                     "model": model, "fusion": args.fusion, "workers": args.workers, "batch_size": args.batch_size}
     with tempfile.TemporaryDirectory() as tmp:
         base = [f"data_dir={tmp}", f"model={model}", f"train={train}", f"infer.batch_size={args.batch_size}",
-                "infer.num_workers=0", "infer.frames_per_chunk=4", f"run_dir={tmp}/runs/${{sampling.name}}"]
+                f"infer.num_workers={args.workers}", "infer.frames_per_chunk=4", f"run_dir={tmp}/runs/${{sampling.name}}"]
         if args.real:
             from scalept.data.semantickitti import Sequence, list_sequences
 
@@ -203,6 +206,9 @@ def main(argv=None) -> dict:
         print(f"{r['strategy']:<11} {r['frames']:>6} {r['tiles']:>6} {r['overlap']:>7.2f} {r['infer_s']:>8.2f} "
               f"{r['fuse_s']:>7.2f} {r['fps']:>8.2f} {r['infer_fps']:>9.2f} {r['fuse_fps']:>8.1f} "
               f"{r['fusion_mpts_per_s'] or 0:>14.1f}")
+    print("\ninfer seconds by phase (read: waiting for the loader; predict: model + copy to host; write: HDF5)")
+    for r in results["pipeline"]:
+        print(f"  {r['strategy']:<11} " + "  ".join(f"{k} {v:6.2f}" for k, v in r["infer_phase_s"].items()))
     fa = results["fusion_alone"]
     print(f"\nFusion alone, one core: {fa['points']} points, {fa['rows']} tile-point rows, {fa['classes']} classes")
     for name, r in fa["methods"].items():

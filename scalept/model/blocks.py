@@ -4,9 +4,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from scalept.model.points import Level
 from scalept.model.sparse import SubMConv
+
+
+# Attention kernels that SDPA may pick. Not cuDNN's: it builds an execution plan for every new
+# batch shape, and the number of patches changes with every input (about 13 ms per call on
+# an H100, 0.3 s per forward pass); flash and memory-efficient attention need no plan.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Stochastic(nn.Module):
@@ -63,7 +70,8 @@ class PatchAttention(Stochastic):
         channels = qkv.shape[1] // 3
         q, k, v = qkv.view(-1, length, 3, self.heads, channels // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         dropout = self.attn_drop if self.random else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        with sdpa_kernel(ATTENTION_BACKENDS):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return out.transpose(1, 2).reshape(-1, channels)
 
     def forward(self, x: torch.Tensor, level: Level) -> torch.Tensor:
