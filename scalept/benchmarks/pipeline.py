@@ -99,7 +99,7 @@ def pipeline_case(base: list[str], strategy: str, fusion: str) -> dict:
         "tiling_s": tiling_s, "infer_s": infer_s, "fuse_s": fuse_s,
         "fps": frames / (infer_s + fuse_s), "infer_fps": frames / infer_s, "fuse_fps": frames / fuse_s,
         "fusion_mpts_per_s": metrics["fusion_mpoints_per_s"], "miou_random_weights": metrics["miou"],
-        "infer_phase_s": summary["phase_seconds"],
+        "infer_phase_s": summary["phase_seconds"], "fuse_phase_s": metrics.get("timings_s", {}),
     }
 
 
@@ -209,6 +209,9 @@ def main(argv=None) -> dict:
     print("\ninfer seconds by phase (read: waiting for the loader; predict: model + copy to host; write: HDF5)")
     for r in results["pipeline"]:
         print(f"  {r['strategy']:<11} " + "  ".join(f"{k} {v:6.2f}" for k, v in r["infer_phase_s"].items()))
+    print("fuse seconds by phase")
+    for r in results["pipeline"]:
+        print(f"  {r['strategy']:<11} " + "  ".join(f"{k} {v:6.2f}" for k, v in r["fuse_phase_s"].items()))
     fa = results["fusion_alone"]
     print(f"\nFusion alone, one core: {fa['points']} points, {fa['rows']} tile-point rows, {fa['classes']} classes")
     for name, r in fa["methods"].items():
