@@ -100,14 +100,14 @@ def predict_batch(model, batch: Mapping[str, torch.Tensor], device: torch.device
 
     Returns float16 (P, C) values and, for 'mc', float32 (P,) entropy, on the host.
     """
-    from scalept.model import stochastic_inference
+    from scalept.model import inference_autocast, stochastic_inference
 
     feat = batch["feat"].to(device, non_blocking=True)
     grid = batch["grid"].to(device, non_blocking=True)
     offsets = batch["offsets"].to(device, non_blocking=True)
     inverse = batch["inverse"].to(device, non_blocking=True)
     stochastic = kind == "mc" or passes > 1
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+    autocast = inference_autocast(device.type, enabled=amp and device.type == "cuda")
     total = None
     with torch.inference_mode(), autocast:
         for _ in range(passes):

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from scipy.spatial import cKDTree
 
 from scalept.data import semantickitti as kitti
-from scalept.model import build_model
+from scalept.model import build_model, inference_autocast
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 GRID_SIZE = 0.05
@@ -109,6 +109,8 @@ def run_case(model, batch, mode: str, args, device: torch.device) -> dict:
 
     else:
         model.eval()
+        if not args.cast_cache:  # what stage=infer does
+            amp = inference_autocast(device.type, enabled=args.amp)
 
         def step():
             with torch.no_grad(), amp:
@@ -134,6 +136,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--modes", default="train,infer", help="which of train, infer to time")
     parser.add_argument("--warmup", type=int, help="untimed passes (default 5 on GPU, 1 on CPU)")
     parser.add_argument("--repeats", type=int, help="timed passes (default 20 on GPU, 2 on CPU)")
+    parser.add_argument("--cast-cache", action=argparse.BooleanOptionalAction, default=False,
+                        help="keep autocast's cache of cast weights at inference (stage=infer does not)")
     parser.add_argument(
         "--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on GPU only; CPUs without "
         "bf16 matrix units run it several times slower than fp32)"

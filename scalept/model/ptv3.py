@@ -150,6 +150,16 @@ def stochastic_inference(model: PTv3):
         model.train(was_training).set_stochastic(was_stochastic)
 
 
+def inference_autocast(device_type: str, enabled: bool = True) -> torch.autocast:
+    """bf16 autocast for inference, without autocast's cache of cast weights.
+
+    The cache pays off when a weight is used again in the same autocast region (forward and
+    backward of a training step). An inference pass uses each weight once, so the cache only
+    keeps a bf16 copy of every Linear weight (about 90 MB for ptv3) alive until the pass ends.
+    """
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+
+
 _CONFIG_KEYS = {
     "in_channels", "orders", "shuffle_orders", "stem_kernel", "enc_depths", "enc_channels", "enc_heads",
     "enc_patch_size", "dec_depths", "dec_channels", "dec_heads", "dec_patch_size", "mlp_ratio", "qkv_bias",
