@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -54,6 +55,27 @@ class Cluster:
                 pytest.fail(f"job {job_id} not finished after {timeout:.0f} s: "
                             + "; ".join(f"{r.get('JobId')} {r.get('JobState')}" for r in records))
             time.sleep(0.5)
+
+
+# Reading what submitit wrote below a sweep dir (tests/slurm/test_submitit_pipeline.py, test_requeue.py).
+
+
+def submitted_scripts(sweep) -> dict[str, str]:
+    """job id (array id for arrays) -> its sbatch script, for every job submitit wrote below the sweep."""
+    return {path.parent.name: path.read_text() for path in (sweep / ".submitit").glob("*/*_submission.sh")}
+
+
+def job_name(script: str) -> str:
+    return re.search(r"#SBATCH --job-name=(\S+)", script).group(1)
+
+
+def sbatch_option(script: str, name: str) -> str | None:
+    found = re.search(rf"#SBATCH --{name}=(\S+)", script)
+    return found.group(1) if found else None
+
+
+def task_log(sweep, job_id: str, rank: int) -> str:
+    return "".join((sweep / ".submitit" / job_id / f"{job_id}_{rank}_log.{ext}").read_text() for ext in ("out", "err"))
 
 
 def _cluster_unavailable() -> str | None:

@@ -8,7 +8,7 @@ import sys
 import time
 
 from tests.conftest import TINY_PIPELINE
-from tests.slurm.test_submitit_pipeline import job_name, submitted_scripts
+from tests.slurm.conftest import job_name, submitted_scripts
 
 STEP_LINE = re.compile(r"step (\d+) epoch \d+ loss")
 TOTAL_STEPS = 40

@@ -12,26 +12,9 @@ import sys
 import time
 
 from tests.conftest import TINY_PIPELINE
+from tests.slurm.conftest import job_name, sbatch_option, submitted_scripts, task_log
 
 RANK_LINE = re.compile(r"scalept-launch: job (\S+), rank (\d) of (\d) on node (n\d)")
-
-
-def submitted_scripts(sweep) -> dict[str, str]:
-    """job id (array id for arrays) -> its sbatch script, for every job submitit wrote below the sweep."""
-    return {path.parent.name: path.read_text() for path in (sweep / ".submitit").glob("*/*_submission.sh")}
-
-
-def job_name(script: str) -> str:
-    return re.search(r"#SBATCH --job-name=(\S+)", script).group(1)
-
-
-def sbatch_option(script: str, name: str) -> str | None:
-    found = re.search(rf"#SBATCH --{name}=(\S+)", script)
-    return found.group(1) if found else None
-
-
-def task_log(sweep, job_id: str, rank: int) -> str:
-    return "".join((sweep / ".submitit" / job_id / f"{job_id}_{rank}_log.{ext}").read_text() for ext in ("out", "err"))
 
 
 def test_sweep_runs_as_preprocessing_arrays_one_ddp_array_job_and_dependent_fusions(cluster, tmp_path):
