@@ -5,10 +5,13 @@
 ``dataset.splits.val`` and keeps ``<run_dir>/checkpoints/{last,best}.pt``,
 ``<run_dir>/tb/`` and ``<run_dir>/train_metrics.json``. Only rank 0 writes.
 
-Schedule. An optimizer step is ``train.grad_accum`` micro-batches of
-``train.batch_size`` tiles per rank (global batch = batch_size x world size x
-grad_accum). ``train.epochs`` passes, or exactly ``train.max_steps`` optimizer
-steps when that is set (the OneCycle schedule spans the whole run either way).
+Schedule. A micro-batch is as many tiles as fit ``train.batch_voxels`` voxels on one
+rank (:mod:`scalept.training.batching`); an optimizer step is one micro-batch per rank,
+or, with ``train.step_voxels``, as many accumulated micro-batches as keep the global
+step at that many voxels whatever the world size. ``train.epochs`` passes, or exactly
+``train.max_steps`` optimizer steps when that is set (the OneCycle schedule spans the
+whole run either way). The learning rate is scaled from ``optim.reference_voxels`` to
+the plan's mean voxels per step.
 
 Label-efficient subsets. ``train.label_fraction = f < 1`` trains on the tiles
 of every k-th frame of each training sequence, k = round(1 / f), starting with
@@ -50,12 +53,12 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from scalept import distributed as dist_env
 from scalept.checkpoint import checkpoint_path
 from scalept.data.semantickitti import NUM_CLASSES
-from scalept.errors import TrainingInterrupted
+from scalept.errors import ConfigError, TrainingInterrupted
 from scalept.losses import segmentation_loss  # looked up here at every step: tests wrap it
 from scalept.metrics import mean_iou
 from scalept.model import build_model
@@ -63,13 +66,13 @@ from scalept.training.data import build_train_data, frame_subset, label_fraction
 from scalept.training.optim import build_optimizer, param_groups, scaled_lr
 from scalept.training.reporting import (Reporter, StepLog, confusion_figure, param_digest, peak_gpu_mem_gb,
                                         peak_rss_gb, read_train_metrics, write_train_metrics)
-from scalept.training.resume import (PREEMPT_SIGNALS, Checkpointer, ResumableSampler, StopFlag, load_resume_state,
-                                     restore, rng_state, seed_everything, set_rng_state, unwrap)
+from scalept.training.resume import (PREEMPT_SIGNALS, Checkpointer, StopFlag, load_resume_state, restore, rng_state,
+                                     seed_everything, set_rng_state, unwrap)
 
 # The stage's public names, including the helpers that lived here before the split into
 # scalept.training: tests and callers keep importing them from scalept.train.
 __all__ = [
-    "ALLOC_CONF", "PREEMPT_SIGNALS", "Reporter", "ResumableSampler", "StopFlag", "TrainingInterrupted",
+    "ALLOC_CONF", "PREEMPT_SIGNALS", "Reporter", "StopFlag", "build_train_data", "TrainingInterrupted",
     "confusion_figure", "frame_subset", "label_fraction_tiles", "param_groups", "rng_state", "run", "scaled_lr",
     "seed_everything", "segmentation_loss", "set_rng_state", "validate",
 ]
@@ -95,6 +98,17 @@ def run(cfg: DictConfig) -> dict:
         dist_env.teardown()
 
 
+def _model_config(cfg: DictConfig) -> dict:
+    """``cfg.model`` with ``train.checkpoint_levels`` applied: recomputation is a memory setting of the run."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    levels = cfg.train.get("checkpoint_levels")
+    if levels is not None:
+        if not isinstance(levels, int) or isinstance(levels, bool) or not 0 <= levels <= len(model_cfg["enc_depths"]):
+            raise ConfigError(f"train.checkpoint_levels={levels!r} must be null or 0..{len(model_cfg['enc_depths'])}")
+        model_cfg["checkpoint_levels"] = levels
+    return model_cfg
+
+
 def _train(cfg: DictConfig, env: dist_env.DistEnv) -> dict:
     t_start = time.perf_counter()
     tcfg = cfg.train
@@ -112,10 +126,10 @@ def _train(cfg: DictConfig, env: dist_env.DistEnv) -> dict:
     seed = int(cfg.seed)
     seed_everything(seed)
     data = build_train_data(cfg, env.rank, env.world_size, device, seed)
-    batch_size, accum, batches_per_epoch, epochs = data.batch_size, data.accum, data.batches_per_epoch, data.epochs
-    model = build_model(cfg.model, NUM_CLASSES).to(device)
-    global_batch = batch_size * env.world_size * accum
-    lr, optimizer, scheduler = build_optimizer(model, cfg.optim, global_batch, data.total_steps, device)
+    accum, epochs = data.accum, data.epochs
+    model = build_model(_model_config(cfg), NUM_CLASSES).to(device)
+    step_voxels = round(data.step_voxels)  # mean voxels of an optimizer step, every rank together
+    lr, optimizer, scheduler = build_optimizer(model, cfg.optim, step_voxels, data.total_steps, device)
     start = restore(state, model, optimizer, scheduler, env.world_size, main, last_path, data.total_steps)
     step, epoch, skip_batches, best_miou, total_steps = (start.step, start.epoch, start.batch_in_epoch,
                                                          start.best_miou, start.total_steps)
@@ -134,7 +148,7 @@ def _train(cfg: DictConfig, env: dist_env.DistEnv) -> dict:
     lovasz_weight = float(tcfg.get("lovasz_weight", 1.0))
     val_every = int(tcfg.val_every)
     has_val = len(cfg.dataset.splits.get("val", [])) > 0
-    checkpointer = Checkpointer(cfg, model, optimizer, scheduler, main, env.world_size, global_batch)
+    checkpointer = Checkpointer(cfg, model, optimizer, scheduler, main, env.world_size, step_voxels)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -144,9 +158,9 @@ def _train(cfg: DictConfig, env: dist_env.DistEnv) -> dict:
 
     try:
         while epoch < epochs and step < total_steps:
-            data.sampler.set_epoch(epoch)
-            data.dataset.set_epoch(epoch)
-            data.sampler.skip = skip_batches * batch_size
+            data.batches.set_epoch(epoch)
+            data.batches.skip = skip_batches
+            batches_per_epoch = data.micro_steps(epoch)
             micro = skip_batches
             skip_batches = 0
             for batch in data.loader:
@@ -219,7 +233,7 @@ def _train(cfg: DictConfig, env: dist_env.DistEnv) -> dict:
                          if steps_log.train_seconds else None),
         "voxels_seen_per_rank": steps_log.total_voxels, "peak_gpu_mem_gb": peak_gpu_mem_gb(device),
         "peak_rss_gb": peak_rss_gb(), "seconds": time.perf_counter() - t_start, "world_size": env.world_size,
-        "global_batch": global_batch, "lr": lr, "preempted": preempted, "device": str(device),
+        "step_voxels": step_voxels, "micro_batches_per_step": accum, "batch_voxels": data.budget, "lr": lr, "preempted": preempted, "device": str(device),
     }
     if main:
         if not preempted:

@@ -76,7 +76,7 @@ torch.set_num_threads(1)
 from scalept import distributed
 from scalept.train import run
 from tiny_training import compose_tiny
-cfg = compose_tiny({data!r}, {run_dir!r}, "train.max_steps=3", "train.grad_accum=2", "train.label_fraction=0.5",
+cfg = compose_tiny({data!r}, {run_dir!r}, "train.max_steps=3", "train.step_voxels=18000", "train.label_fraction=0.5",
                    "train.val_every=1")
 result = run(cfg)
 print("RESULT " + json.dumps({{"rank": distributed.get_env().rank, "world": result["world_size"],
@@ -115,5 +115,7 @@ def test_two_rank_gloo_training_keeps_replicas_identical(tmp_path_factory, tmp_p
     assert outputs[0]["best"] == pytest.approx(outputs[1]["best"])  # confusion summed over both ranks
     # only rank 0 wrote: one metrics file, checkpoints, one TensorBoard directory
     metrics = json.loads((run_dir / "train_metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["global_batch"] == 2 * 2 * 2
+    # 18,000 voxels a step over 2 ranks with micro-batches of at most 4,500: 2 micro-batches per rank
+    assert metrics["world_size"] == 2 and metrics["micro_batches_per_step"] == 2
+    assert 12_000 <= metrics["step_voxels"] <= 18_000
     assert (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "tb").is_dir()

@@ -33,8 +33,15 @@ def single_process(monkeypatch):
     torch.set_num_threads(threads)
 
 
-# a schedule of 2 epochs x 3 steps (12 tiles: frame 0 of each sequence, batch 4) with validation after each epoch
-RESUME = ("train.label_fraction=0.25", "train.batch_size=4", "train.epochs=2", "train.val_every=1")
+# 2 epochs of 12 tiles (frame 0 of each sequence, ~2,000 voxels each) in micro-batches of 2-3 tiles,
+# validated after each epoch
+RESUME = ("train.label_fraction=0.25", "train.batch_voxels=6000", "train.epochs=2", "train.val_every=1")
+
+
+def steps_per_epoch(cfg) -> list[int]:
+    """Optimizer steps of each epoch as the stage plans them."""
+    data = train.build_train_data(cfg, 0, 1, torch.device("cpu"), int(cfg.seed))
+    return [math.ceil(data.micro_steps(e) / data.accum) for e in range(data.epochs)]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +68,10 @@ def test_loss_decreases_and_files_are_written(data_dir, tmp_path):
 def test_resume_continues_the_same_loss_curve(data_dir, tmp_path, uninterrupted, monkeypatch):
     _, reference = uninterrupted
     expected = dict(reference["step_losses"])
-    assert sorted(expected) == list(range(1, 7))
+    first, second_epoch = steps_per_epoch(compose_tiny(data_dir, tmp_path, *RESUME))
+    assert first >= 3 and second_epoch >= 3, "the plan must give room to stop mid-epoch in both epochs"
+    total = first + second_epoch
+    assert sorted(expected) == list(range(1, total + 1)) and reference["total_steps"] == total
 
     # 1) a real SIGUSR2 during step 2 (mid-epoch 0), with a launcher's handler installed before us
     seen = []
@@ -87,12 +97,13 @@ def test_resume_continues_the_same_loss_curve(data_dir, tmp_path, uninterrupted,
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (2, 0, 2)
     assert signal.getsignal(signal.SIGUSR2) is previous
 
-    # 2) resume; simulated preemption at step 5 (mid-epoch 1, after a validation)
-    second = train.run(compose_tiny(data_dir, tmp_path, *RESUME, "train.stop_at_step=5"))
-    assert second["preempted"] and [s for s, _ in second["step_losses"]] == [3, 4, 5]
+    # 2) resume; simulated preemption 2 steps into epoch 1 (after a validation)
+    stop = first + 2
+    second = train.run(compose_tiny(data_dir, tmp_path, *RESUME, f"train.stop_at_step={stop}"))
+    assert second["preempted"] and [s for s, _ in second["step_losses"]] == list(range(3, stop + 1))
     # 3) resume to the end
     third = train.run(compose_tiny(data_dir, tmp_path, *RESUME))
-    assert [s for s, _ in third["step_losses"]] == [6]
+    assert [s for s, _ in third["step_losses"]] == list(range(stop + 1, total + 1))
 
     resumed = {}
     for part in (second, third):
@@ -104,7 +115,7 @@ def test_resume_continues_the_same_loss_curve(data_dir, tmp_path, uninterrupted,
 
     # 4) a finished run is skipped
     again = train.run(compose_tiny(data_dir, tmp_path, *RESUME))
-    assert again["skipped"] and again["steps"] == 6
+    assert again["skipped"] and again["steps"] == total
 
 
 def test_checkpoint_of_another_model_is_refused_in_one_line(data_dir, uninterrupted):
@@ -120,7 +131,7 @@ def test_checkpoint_of_another_model_is_refused_in_one_line(data_dir, uninterrup
 def test_tensorboard_has_the_scalars_images_and_hparams(uninterrupted):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir, _ = uninterrupted
+    run_dir, reference = uninterrupted
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
@@ -128,7 +139,7 @@ def test_tensorboard_has_the_scalars_images_and_hparams(uninterrupted):
     assert any(tag.startswith("val/IoU/") for tag in scalars)
     assert "train/gpu_mem_gb" not in scalars  # CPU run
     assert "val/confusion" in events.Tags()["images"]
-    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 7))
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, reference["total_steps"] + 1))
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
 
 
@@ -171,10 +182,13 @@ def test_block_parameters_get_the_block_lr(compose_cfg):
                         sum(p.numel() for p in model.parameters()))
 
 
-def test_onecycle_schedule_and_global_batch(data_dir, tmp_path):
-    cfg = compose_tiny(data_dir, tmp_path, "train.max_steps=2", "train.val_every=0", "train.grad_accum=2",
-                       "train.label_fraction=0.25", "optim.lr_scaling=linear", "optim.reference_batch=2")
+def test_onecycle_schedule_and_lr_from_the_real_step_voxels(data_dir, tmp_path):
+    cfg = compose_tiny(data_dir, tmp_path, "train.max_steps=2", "train.val_every=0", "train.step_voxels=9000",
+                       "train.label_fraction=0.25", "optim.lr_scaling=linear", "optim.reference_voxels=4000")
     result = train.run(cfg)
-    assert result["global_batch"] == 4 and result["lr"] == pytest.approx(0.02)  # batch 2 x 1 rank x accum 2
+    # 9,000 voxels a step on one rank with micro-batches of at most 4,500: 2 micro-batches a step
+    assert result["micro_batches_per_step"] == 2 and result["batch_voxels"] == 4500
+    assert 6000 <= result["step_voxels"] <= 9000  # the plan's mean: tiles of ~2,000 voxels do not fill it exactly
+    assert result["lr"] == pytest.approx(0.01 * result["step_voxels"] / 4000)
     state = load_checkpoint(checkpoint_path(tmp_path, "last"))
     assert state["scheduler"]["total_steps"] == 2 and state["step"] == 2

@@ -81,13 +81,15 @@ class TileDataset(Dataset):
         """Augmentations are a function of (seed, epoch, item), so a resumed run draws the same ones."""
         self.epoch = epoch
 
-    def __getitem__(self, item: int) -> dict[str, np.ndarray | int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, np.ndarray | int]:
+        """Sample ``key``: an item, or (item, epoch) from a batch sampler that tells persistent workers the epoch."""
+        item, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         file_index, tile = self.index[item]
         points, labels, point_index = self.files[file_index].tile(tile)
         rng = None
         xyz = points[:, :3]
         if self.augmentation is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, item])
+            rng = np.random.default_rng([self.seed, epoch, item])
             xyz = augment(xyz, self.augmentation, rng)
         chosen, grid, inverse = voxelize(xyz, self.grid_size, rng)
         feat = np.concatenate([xyz[chosen], points[chosen, 3:4]], axis=1).astype(np.float32)

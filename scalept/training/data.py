@@ -1,8 +1,8 @@
 """What the model sees in training: the label-fraction subset, the loaders, the validation pass.
 
-The training loader draws its order from :class:`ResumableSampler` (seed, epoch) and
-its augmentations from (seed, epoch, tile), so neither depends on how often a job was
-restarted; the epoch/step arithmetic of the schedule follows from its length.
+The training loader draws its batches from :class:`~scalept.training.batching.VoxelBudgetBatches`
+(a plan of (seed, epoch)) and its augmentations from (seed, epoch, tile), so neither depends
+on how often a job was restarted; the schedule (steps per epoch) follows from the plans.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from scalept.data.semantickitti import NUM_CLASSES
 from scalept.data.tiles import TileFile
 from scalept.errors import ConfigError
 from scalept.metrics import confusion_matrix
-from scalept.training.resume import PREEMPT_SIGNALS, ResumableSampler
+from scalept.training.batching import VoxelBudgetBatches, pack, tile_voxel_counts
+from scalept.training.resume import PREEMPT_SIGNALS
 
 
 def frame_subset(num_frames: int, fraction: float) -> np.ndarray:
@@ -48,13 +49,19 @@ def _ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def make_loader(dataset, batch_size: int, sampler, num_workers: int, pin: bool) -> DataLoader:
+def make_loader(dataset, batch_sampler, num_workers: int, pin: bool) -> DataLoader:
+    """Batches from ``batch_sampler`` (lists of dataset keys), collated and, on GPU, pinned by the workers.
+
+    Workers persist across epochs (the epoch travels with each key, see
+    :class:`~scalept.training.batching.VoxelBudgetBatches`) and keep several batches ready,
+    so a step never waits for worker start-up or for one slow tile.
+    """
+    extra = dict(persistent_workers=True, prefetch_factor=4, worker_init_fn=_ignore_stop_signals) if num_workers else {}
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
-        pin_memory=pin, worker_init_fn=_ignore_stop_signals if num_workers else None,
+        dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers, pin_memory=pin,
         # its own generator, so creating an iterator never draws from the global torch RNG that the
         # model's drop-path and order shuffling use (a resumed run must see the same draws)
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator().manual_seed(0), **extra,
     )
 
 
@@ -62,25 +69,49 @@ def to_device(batch: Mapping, device: torch.device, keys: Sequence[str]) -> dict
     return {k: batch[k].to(device, non_blocking=True) for k in keys}
 
 
+def micro_batch_budget(tcfg: DictConfig, world_size: int) -> tuple[int, int]:
+    """(voxels per rank per micro-batch, micro-batches per optimizer step) from ``train.batch_voxels/step_voxels``.
+
+    Without ``step_voxels`` an optimizer step is one micro-batch of ``batch_voxels`` per rank.
+    With it, the global step is kept at ``step_voxels`` whatever the world size: each rank
+    accumulates as many micro-batches of at most ``batch_voxels`` as that takes.
+    """
+    batch_voxels = tcfg.batch_voxels
+    if not isinstance(batch_voxels, int) or isinstance(batch_voxels, bool) or batch_voxels < 1:
+        raise ConfigError(f"train.batch_voxels={batch_voxels!r} must be a positive number of voxels, e.g. 300000")
+    step_voxels = tcfg.get("step_voxels")
+    if step_voxels is None:
+        return batch_voxels, 1
+    if not isinstance(step_voxels, int) or isinstance(step_voxels, bool) or step_voxels < 1:
+        raise ConfigError(f"train.step_voxels={step_voxels!r} must be a positive number of voxels or null")
+    per_rank = step_voxels / world_size
+    accum = max(1, math.ceil(per_rank / batch_voxels))
+    return math.ceil(per_rank / accum), accum
+
+
 @dataclass
 class TrainData:
-    """The training tiles of this rank and the schedule their number gives."""
+    """The training tiles of this rank, their voxel-budget plan and the schedule it gives."""
 
     dataset: TileDataset
-    sampler: ResumableSampler
+    batches: VoxelBudgetBatches
     loader: DataLoader
-    batch_size: int
+    budget: int  # voxels per rank per micro-batch
     accum: int  # micro-batches per optimizer step
-    batches_per_epoch: int
     epochs: int
     total_steps: int
+    step_voxels: float  # mean voxels of an optimizer step over every rank (epoch 0's plan)
+
+    def micro_steps(self, epoch: int) -> int:
+        return self.batches.micro_steps(epoch)
 
 
 def build_train_data(cfg: DictConfig, rank: int, world_size: int, device: torch.device, seed: int) -> TrainData:
-    """Dataset, sampler and loader of ``dataset.splits.train`` (or its label fraction), and the schedule.
+    """Dataset, voxel-budget batches and loader of ``dataset.splits.train`` (or its label fraction), and the schedule.
 
     ``train.max_steps``, when set, fixes the number of optimizer steps and the epochs follow;
-    otherwise ``train.epochs`` does and the steps follow.
+    otherwise ``train.epochs`` does and the steps follow (epochs differ a little in steps:
+    each epoch's permutation packs differently).
     """
     tcfg = cfg.train
     paths = split_tile_files(cfg.tiles_dir, cfg.sampling.name, [str(s) for s in cfg.dataset.splits.train])
@@ -91,22 +122,28 @@ def build_train_data(cfg: DictConfig, rank: int, world_size: int, device: torch.
                           tiles=tiles, seed=seed)
     if len(dataset) == 0:
         raise ConfigError(f"no training tiles in {[str(p) for p in paths]} (train.label_fraction={fraction})")
-    batch_size, accum = int(tcfg.batch_size), int(tcfg.grad_accum)
-    if batch_size < 1 or accum < 1:
-        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
-    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    loader = make_loader(dataset, batch_size, sampler, int(tcfg.num_workers), device.type == "cuda")
-    batches_per_epoch = math.ceil(sampler.num_samples / batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    budget, accum = micro_batch_budget(tcfg, world_size)
+    counts = tile_voxel_counts(paths, float(tcfg.grid_size), int(tcfg.num_workers))
+    voxels = np.array([counts[f][t] for f, t in dataset.index], dtype=np.int64)
+    batches = VoxelBudgetBatches(voxels, budget, rank, world_size, seed)
+    loader = make_loader(dataset, batches, int(tcfg.num_workers), device.type == "cuda")
+
+    def steps_in(epoch: int) -> int:
+        return math.ceil(batches.micro_steps(epoch) / accum)
+
     if tcfg.max_steps is not None:
-        total_steps = int(tcfg.max_steps)
-        epochs = math.ceil(total_steps / steps_per_epoch)
+        total_steps, epochs = int(tcfg.max_steps), 0
+        planned = 0
+        while planned < total_steps:
+            planned += steps_in(epochs)
+            epochs += 1
     else:
         epochs = int(tcfg.epochs)
-        total_steps = epochs * steps_per_epoch
+        total_steps = sum(steps_in(e) for e in range(epochs))
     if total_steps < 1:
         raise ConfigError("train.epochs / train.max_steps give no optimizer step")
-    return TrainData(dataset, sampler, loader, batch_size, accum, batches_per_epoch, epochs, total_steps)
+    step_voxels = float(np.mean(batches.step_voxels(0, accum)))
+    return TrainData(dataset, batches, loader, budget, accum, epochs, total_steps, step_voxels)
 
 
 @torch.no_grad()
@@ -120,8 +157,11 @@ def validate(model: torch.nn.Module, cfg: DictConfig, device: torch.device, auto
     paths = split_tile_files(cfg.tiles_dir, cfg.sampling.name, [str(s) for s in cfg.dataset.splits.val])
     dataset = TileDataset(paths, cfg.train.grid_size)
     rank, world = dist_env.get_rank(), dist_env.get_world_size()
-    loader = make_loader(dataset, int(cfg.train.batch_size), list(range(rank, len(dataset), world)),
-                         int(cfg.train.num_workers), device.type == "cuda")
+    counts = np.concatenate(tile_voxel_counts(paths, float(cfg.train.grid_size), int(cfg.train.num_workers)))
+    budget, _ = micro_batch_budget(cfg.train, world)
+    mine = range(rank, len(dataset), world)
+    loader = make_loader(dataset, [tiles[0] for tiles in pack(counts, mine, budget, 1)], int(cfg.train.num_workers),
+                         device.type == "cuda")
     was_training = model.training
     model.eval()
     confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=device)

@@ -1,8 +1,9 @@
 """Optimizer and schedule: AdamW with a smaller rate inside the transformer blocks, OneCycle over the run.
 
-The learning rate in ``optim.lr`` is the one tuned at ``optim.reference_batch``; it
-is moved to the run's global batch (batch size x ranks x gradient accumulation) by
-``optim.lr_scaling`` so that changing the number of GPUs needs no retuning.
+The learning rate in ``optim.lr`` is the one tuned for optimizer steps of
+``optim.reference_voxels`` voxels; it is moved to the run's real global step (the mean
+voxels of an optimizer step over every rank, from the epoch's voxel-budget plan) by
+``optim.lr_scaling``, so that changing the budget or the number of GPUs needs no retuning.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from scalept.errors import ConfigError
 from scalept.model.blocks import Block
 
 
-def scaled_lr(lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
-    """``lr`` tuned at ``reference_batch`` moved to ``global_batch``: none, linear or sqrt (as Grendel-GS)."""
-    ratio = global_batch / reference_batch
+def scaled_lr(lr: float, step_voxels: float, reference_voxels: float, rule: str) -> float:
+    """``lr`` tuned at ``reference_voxels`` per step moved to ``step_voxels``: none, linear or sqrt (as Grendel-GS)."""
+    ratio = step_voxels / reference_voxels
     if rule == "none":
         return lr
     if rule == "linear":
@@ -39,10 +40,10 @@ def param_groups(model: torch.nn.Module, lr: float, block_lr_scale: float, weigh
     ]
 
 
-def build_optimizer(model: torch.nn.Module, ocfg: DictConfig, global_batch: int, total_steps: int,
+def build_optimizer(model: torch.nn.Module, ocfg: DictConfig, step_voxels: float, total_steps: int,
                     device: torch.device) -> tuple[float, torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
     """(scaled base lr, AdamW over :func:`param_groups`, cosine OneCycle spanning ``total_steps``)."""
-    lr = scaled_lr(float(ocfg.lr), global_batch, int(ocfg.reference_batch), str(ocfg.lr_scaling))
+    lr = scaled_lr(float(ocfg.lr), step_voxels, float(ocfg.reference_voxels), str(ocfg.lr_scaling))
     groups = param_groups(model, lr, float(ocfg.block_lr_scale), float(ocfg.weight_decay))
     optimizer = torch.optim.AdamW(groups, lr=lr, fused=True if device.type == "cuda" else None)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(

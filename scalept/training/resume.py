@@ -1,7 +1,7 @@
 """Resumable training state: a stopped run continues with the losses an uninterrupted one would have.
 
 That takes more than the weights: optimizer, scheduler, epoch, step, the position in
-the epoch (:class:`ResumableSampler` skips the batches already done) and the torch /
+the epoch (the voxel-budget plan of an epoch is recomputed and its first batches skipped) and the torch /
 numpy / python RNG states, all saved by :class:`Checkpointer` and put back by
 :func:`restore`. :class:`StopFlag` turns SIGTERM/SIGUSR2 into a request that the loop
 honours at the next optimizer-step boundary, so the checkpoint is always consistent.
@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DistributedSampler
 
 from scalept.checkpoint import load_checkpoint, model_signature, save_checkpoint
 from scalept.data.semantickitti import NUM_CLASSES
@@ -63,18 +62,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` that can start an epoch after its first ``skip`` samples (mid-epoch resume)."""
-
-    skip = 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip :])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.skip
 
 
 # ----------------------------------------------------------------------------- preemption
@@ -188,9 +175,9 @@ class Checkpointer:
     """Rank 0 writes ``last.pt`` / ``best.pt`` with everything :func:`restore` reads; other ranks write nothing."""
 
     def __init__(self, cfg: DictConfig, model: torch.nn.Module, optimizer, scheduler, main: bool, world_size: int,
-                 global_batch: int):
+                 step_voxels: int):
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
-        self.main, self.world_size, self.global_batch = main, world_size, global_batch
+        self.main, self.world_size, self.step_voxels = main, world_size, step_voxels
 
     def save(self, path: Path, epoch: int, batch_in_epoch: int, step: int, best_miou: float,
              finished: bool = False) -> None:
@@ -200,6 +187,6 @@ class Checkpointer:
             "model": unwrap(self.model).state_dict(), "signature": checkpoint_signature(self.cfg),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step, "best_miou": best_miou,
-            "finished": finished, "world_size": self.world_size, "global_batch": self.global_batch,
+            "finished": finished, "world_size": self.world_size, "step_voxels": self.step_voxels,
             "rng": rng_state(), "config": OmegaConf.to_yaml(self.cfg, resolve=True),
         })
