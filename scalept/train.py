@@ -50,6 +50,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -83,17 +84,19 @@ ALLOC_CONF = "expandable_segments:True"
 ANOTHER_RANK = "another rank's signal"  # why a rank that caught no signal itself stops
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig, step_hook: Callable[[int], None] | None = None) -> dict:
     """Train (or resume, or skip a finished run); returns the metrics also written to train_metrics.json.
 
     The returned dict adds ``step_losses``: [(step, loss), ...] of the steps this call ran
-    (the rank-averaged loss of each optimizer step) and ``param_digest`` (a hash of the
-    parameters, equal on every rank). Every rank returns it; only rank 0 writes files.
+    (the rank-averaged loss of each optimizer step), ``param_digest`` (a hash of the
+    parameters, equal on every rank) and ``windows``, the (steps, voxels, seconds, end time)
+    of every logging window. Every rank returns it; only rank 0 writes files.
+    ``step_hook(step)``, if given, runs after every optimizer step (profilers, benchmarks).
     """
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)  # before CUDA starts; the user's value wins
     env = dist_env.init()
     try:
-        return _train(cfg, env)
+        return _train(cfg, env, step_hook)
     finally:
         dist_env.teardown()
 
@@ -109,7 +112,7 @@ def _model_config(cfg: DictConfig) -> dict:
     return model_cfg
 
 
-def _train(cfg: DictConfig, env: dist_env.DistEnv) -> dict:
+def _train(cfg: DictConfig, env: dist_env.DistEnv, step_hook: Callable[[int], None] | None = None) -> dict:
     t_start = time.perf_counter()
     tcfg = cfg.train
     device = dist_env.device()
@@ -186,6 +189,8 @@ def _train(cfg: DictConfig, env: dist_env.DistEnv) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 steps_log.add_step(group_loss / (group_end - group * accum))
+                if step_hook is not None:
+                    step_hook(step)
                 if stop_at is not None and step >= int(stop_at):
                     stop.request(f"train.stop_at_step={stop_at}")
                 stopping = dist_env.any_rank(stop.requested)
@@ -247,4 +252,5 @@ def _train(cfg: DictConfig, env: dist_env.DistEnv) -> dict:
             stop.reraise()
         raise TrainingInterrupted(f"training stopped by {stop.reason} at step {step}; {last_path} written; "
                                   "rerun the same command to resume")
-    return {**metrics, "step_losses": steps_log.step_losses, "param_digest": param_digest(unwrap(model))}
+    return {**metrics, "step_losses": steps_log.step_losses, "param_digest": param_digest(unwrap(model)),
+            "windows": steps_log.windows}

@@ -141,6 +141,10 @@ class StepLog:
         self.last_loss = float("nan")
         self.window_voxels, self.window_start = 0, time.perf_counter()
         self.total_voxels, self.train_seconds = 0, 0.0
+        self.window_steps = 0
+        # (optimizer steps, voxels on this rank, seconds, end time) of every flushed window; the
+        # end of a window is a host sync, so its seconds are GPU-complete (benchmarks.train_stage)
+        self.windows: list[tuple[int, int, float, float]] = []
 
     def add_voxels(self, voxels: int) -> None:
         self.window_voxels += voxels
@@ -148,6 +152,7 @@ class StepLog:
 
     def add_step(self, loss: torch.Tensor) -> None:
         self.pending.append(loss)
+        self.window_steps += 1
 
     def restart_clock(self) -> None:
         self.window_start = time.perf_counter()
@@ -161,15 +166,17 @@ class StepLog:
         values = torch.cat([values, torch.tensor([float(self.window_voxels)], device=values.device)])
         values = (dist_env.all_reduce_sum(values) / torch.tensor([self.world_size] * len(pending) + [1.0],
                                                                    device=values.device)).tolist()
-        elapsed = time.perf_counter() - self.window_start
+        now = time.perf_counter()
+        elapsed = now - self.window_start
         self.train_seconds += elapsed
+        self.windows.append((self.window_steps, self.window_voxels, elapsed, now))
         first = step - len(pending) + 1
         losses = values[:-1]
         self.step_losses.extend(zip(range(first, step + 1), losses))
         self.last_loss = losses[-1]
         self.reporter.steps(first, losses, lr, values[-1] / max(elapsed, 1e-9), peak_gpu_mem_gb(self.device), epoch)
         pending.clear()
-        self.window_voxels, self.window_start = 0, time.perf_counter()
+        self.window_voxels, self.window_steps, self.window_start = 0, 0, time.perf_counter()
 
 
 def peak_gpu_mem_gb(device: torch.device) -> float | None:
