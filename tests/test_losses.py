@@ -49,6 +49,10 @@ def test_ignored_labels_change_nothing():
     segmentation_loss(logits, masked)[0].backward()
     assert logits.grad[ignored].abs().max().item() == 0.0
     assert logits.grad[kept].abs().max().item() > 0.0
+    # and the labelled rows get the gradient of the loss over the labelled rows alone
+    selected = logits.detach()[kept].clone().requires_grad_(True)
+    (F.cross_entropy(selected, labels[kept]) + lovasz_softmax(selected.softmax(1), labels[kept])).backward()
+    torch.testing.assert_close(logits.grad[kept], selected.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_all_ignored_gives_a_zero_loss_that_backpropagates():
