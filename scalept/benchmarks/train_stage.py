@@ -157,7 +157,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--uncapped-voxels", type=int, default=1_000_000, help="micro-batch of the uncapped preset")
     parser.add_argument("--work", type=Path, help="data and runs folder (default: a temporary one)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                        help="also profile STEPS steady-state steps of the first preset (torch.profiler)")
+                        help="also profile STEPS steady-state steps of --profile-preset (torch.profiler)")
+    parser.add_argument("--profile-preset", help="preset to profile (default: the first of --presets)")
     parser.add_argument("--json", type=Path, default=Path("train-stage-benchmark.json"))
     parser.add_argument("override", nargs="*", help="extra Hydra overrides for every preset, e.g. train.amp=false")
     args = parser.parse_args(argv)
@@ -186,8 +187,9 @@ def main(argv=None) -> dict:
         rows.append(row)
         print_row(row)
     if args.profile:
-        profile_steps(compose_run(work, data, presets[0], args), args.window + 1, args.profile,
-                      args.json.with_suffix(".profile.txt"))
+        preset = args.profile_preset or presets[0]
+        profile_steps(compose_run(work, data, preset, args), args.window + 1, args.profile,
+                      args.json.with_suffix(f".profile-{preset}.txt"))
     report = {"device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
               "data": f"real scans of {args.real}" if args.real else
               f"synthetic, {args.synthetic_sequences} x {args.synthetic_frames} frames",
