@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scalept.atomic import atomic_path
 from scalept.checkpoint import checkpoint_path, load_checkpoint, model_signature
+from scalept.data.batching import pack, tile_voxel_counts
 from scalept.data.dataset import split_sequences
 from scalept.data.semantickitti import NUM_CLASSES
 from scalept.data.tiles import TileFile, tile_file_path
@@ -137,15 +138,18 @@ def _write_json(path: Path, data: dict) -> None:
 # --------------------------------------------------------------------------- the stage
 
 
-def _batches(tile_files: Mapping[str, TileFile], chunks: Sequence[Chunk], batch_size: int):
-    """Index lists into the flat (sequence, tile) list, cut at chunk boundaries; batches per chunk."""
+def _batches(tile_files: Mapping[str, TileFile], chunks: Sequence[Chunk], voxels: Mapping[str, np.ndarray],
+             budget: int):
+    """Index lists into the flat (sequence, tile) list, each within ``budget`` voxels and cut at chunk
+    boundaries (small tiles share a forward pass, a larger tile goes alone); batches per chunk."""
     batches, per_chunk, flat = [], [], 0
     for chunk in chunks:
-        n = len(chunk_tiles(tile_files[chunk.sequence], chunk))
-        mine = [list(range(flat + lo, flat + min(n, lo + batch_size))) for lo in range(0, n, batch_size)]
+        tiles = chunk_tiles(tile_files[chunk.sequence], chunk)
+        mine = [[flat + i for i in step[0]] for step in pack(voxels[chunk.sequence][np.asarray(tiles)], range(len(tiles)),
+                                                                budget, 1)]
         batches += mine
         per_chunk.append(len(mine))
-        flat += n
+        flat += len(tiles)
     return batches, per_chunk
 
 
@@ -169,9 +173,9 @@ def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None)
         raise ConfigError(f"fusion.mc_passes={passes} must be >= 1")
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
-    batch_size = int(cfg.infer.batch_size)
-    if batch_size < 1:
-        raise ConfigError(f"infer.batch_size={batch_size} must be >= 1")
+    budget = cfg.infer.batch_voxels
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise ConfigError(f"infer.batch_voxels={budget!r} must be a positive number of voxels, e.g. 400000")
     out_dir = infer_dir(cfg)
     sequences = infer_sequences(cfg)
     device = _device(cfg)
@@ -205,7 +209,9 @@ def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None)
 
     seq_index = {s: i for i, s in enumerate(sequences)}
     pairs = [(seq_index[c.sequence], t) for c in todo for t in chunk_tiles(tile_files[c.sequence], c)]
-    batches, per_chunk = _batches(tile_files, todo, batch_size)
+    counts = tile_voxel_counts([tile_files[s].path for s in sequences], grid_size, int(cfg.infer.num_workers)) \
+        if todo else [None] * len(sequences)
+    batches, per_chunk = _batches(tile_files, todo, dict(zip(sequences, counts)), budget)
     amp = bool(cfg.infer.get("amp", True))
     tiles = points = frames = 0
     phase_s = {"read": 0.0, "predict": 0.0, "write": 0.0}  # where the time goes: loader wait, model + copy, HDF5

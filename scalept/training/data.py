@@ -22,7 +22,7 @@ from scalept.data.semantickitti import NUM_CLASSES
 from scalept.data.tiles import TileFile
 from scalept.errors import ConfigError
 from scalept.metrics import confusion_matrix
-from scalept.training.batching import VoxelBudgetBatches, pack, tile_voxel_counts
+from scalept.data.batching import VoxelBudgetBatches, pack, tile_voxel_counts
 from scalept.training.resume import PREEMPT_SIGNALS
 
 

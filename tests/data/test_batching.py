@@ -10,8 +10,8 @@ import torch
 
 from scalept.data.dataset import TileDataset, split_tile_files, voxelize
 from scalept.errors import ConfigError
-from scalept.training import batching
-from scalept.training.batching import VoxelBudgetBatches, epoch_order, pack, tile_voxel_counts
+from scalept.data import batching
+from scalept.data.batching import VoxelBudgetBatches, epoch_order, pack, tile_voxel_counts
 from scalept.training.data import build_train_data, micro_batch_budget
 from tiny_training import TRAIN_SEQUENCES, compose_tiny, make_tiny_data
 

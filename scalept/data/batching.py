@@ -28,7 +28,7 @@ from torch.utils.data import Sampler
 from scalept.atomic import atomic_path
 from scalept.data.tiles import TileFile
 
-log = logging.getLogger("scalept.train")
+log = logging.getLogger(__name__)
 
 FRAMES_PER_TASK = 64  # frames counted per worker task
 
@@ -89,7 +89,7 @@ def tile_voxel_counts(paths: Sequence[str | os.PathLike], grid_size: float, work
         return counts
     tasks = [(str(files[i].path), grid_size, lo, min(lo + FRAMES_PER_TASK, files[i].num_frames))
              for i in missing for lo in range(0, files[i].num_frames, FRAMES_PER_TASK)]
-    log.info("train: counting the voxels of the tiles of %d file(s) at %g m (cached for later runs)",
+    log.info("counting the voxels of the tiles of %d file(s) at %g m (cached for later runs)",
              len(missing), grid_size)
     if workers > 0 and len(tasks) > 1:
         with ProcessPoolExecutor(min(workers, len(tasks))) as pool:
@@ -104,7 +104,7 @@ def tile_voxel_counts(paths: Sequence[str | os.PathLike], grid_size: float, work
                 with open(tmp, "wb") as out:
                     np.savez(out, counts=counts[i], stamp=_stamp(files[i].path))
         except OSError as err:  # a read-only tile folder: count again next time
-            log.warning("train: could not cache voxel counts beside %s (%s)", files[i].path, err)
+            log.warning("could not cache voxel counts beside %s (%s)", files[i].path, err)
     return counts
 
 
