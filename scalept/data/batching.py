@@ -30,7 +30,7 @@ from scalept.data.tiles import TileFile
 
 log = logging.getLogger(__name__)
 
-FRAMES_PER_TASK = 64  # frames counted per worker task
+FRAMES_PER_TASK = 16  # frames counted per worker task (small: a short val sequence still spreads over workers)
 
 
 # ----------------------------------------------------------------------------- voxel counts
