@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from scalept.atomic import atomic_path
 from scalept.checkpoint import checkpoint_path, load_checkpoint, model_signature
-from scalept.data.batching import pack, tile_voxel_counts
+from scalept.data.batching import pack
 from scalept.data.dataset import split_sequences
 from scalept.data.semantickitti import NUM_CLASSES
 from scalept.data.tiles import TileFile, tile_file_path
@@ -138,15 +138,19 @@ def _write_json(path: Path, data: dict) -> None:
 # --------------------------------------------------------------------------- the stage
 
 
-def _batches(tile_files: Mapping[str, TileFile], chunks: Sequence[Chunk], voxels: Mapping[str, np.ndarray],
-             budget: int):
-    """Index lists into the flat (sequence, tile) list, each within ``budget`` voxels and cut at chunk
-    boundaries (small tiles share a forward pass, a larger tile goes alone); batches per chunk."""
+def _batches(tile_files: Mapping[str, TileFile], chunks: Sequence[Chunk], budget: int):
+    """Index lists into the flat (sequence, tile) list, each within ``budget`` tile points and cut at chunk
+    boundaries (small tiles share a forward pass, a larger tile goes alone); batches per chunk.
+
+    Points, not voxels: a tile's point count is in its file for free and bounds its voxel
+    count, so no pass over the data is needed before the first prediction.
+    """
     batches, per_chunk, flat = [], [], 0
     for chunk in chunks:
-        tiles = chunk_tiles(tile_files[chunk.sequence], chunk)
-        mine = [[flat + i for i in step[0]] for step in pack(voxels[chunk.sequence][np.asarray(tiles)], range(len(tiles)),
-                                                                budget, 1)]
+        tile_file = tile_files[chunk.sequence]
+        tiles = chunk_tiles(tile_file, chunk)
+        points = np.diff(tile_file.tile_offsets[tiles.start : tiles.stop + 1])
+        mine = [[flat + i for i in step[0]] for step in pack(points, range(len(tiles)), budget, 1)]
         batches += mine
         per_chunk.append(len(mine))
         flat += len(tiles)
@@ -173,9 +177,9 @@ def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None)
         raise ConfigError(f"fusion.mc_passes={passes} must be >= 1")
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
-    budget = cfg.infer.batch_voxels
+    budget = cfg.infer.batch_points
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise ConfigError(f"infer.batch_voxels={budget!r} must be a positive number of voxels, e.g. 400000")
+        raise ConfigError(f"infer.batch_points={budget!r} must be a positive number of points, e.g. 400000")
     out_dir = infer_dir(cfg)
     sequences = infer_sequences(cfg)
     device = _device(cfg)
@@ -209,9 +213,7 @@ def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None)
 
     seq_index = {s: i for i, s in enumerate(sequences)}
     pairs = [(seq_index[c.sequence], t) for c in todo for t in chunk_tiles(tile_files[c.sequence], c)]
-    counts = tile_voxel_counts([tile_files[s].path for s in sequences], grid_size, int(cfg.infer.num_workers)) \
-        if todo else [None] * len(sequences)
-    batches, per_chunk = _batches(tile_files, todo, dict(zip(sequences, counts)), budget)
+    batches, per_chunk = _batches(tile_files, todo, budget)
     amp = bool(cfg.infer.get("amp", True))
     tiles = points = frames = 0
     phase_s = {"read": 0.0, "predict": 0.0, "write": 0.0}  # where the time goes: loader wait, model + copy, HDF5

@@ -27,7 +27,7 @@ def base_overrides(root: Path, sampling: str = "block", *extra: str) -> list[str
     overrides = [
         f"data_dir={root}", f"run_dir={root}/run", f"sampling={sampling}",
         f"dataset.synthetic.frames_per_sequence={FRAMES}", f"dataset.synthetic.azimuth_steps={AZIMUTH_STEPS}",
-        "preprocess.splits=[val]", "infer.splits=[val]", "infer.frames_per_chunk=2", "infer.batch_voxels=20000",
+        "preprocess.splits=[val]", "infer.splits=[val]", "infer.frames_per_chunk=2", "infer.batch_points=40000",
         "infer.num_workers=0",
     ]
     if sampling == "block":

@@ -9,7 +9,6 @@ import torch
 from inference_helpers import base_overrides, compose, prepare_tiles, save_random_checkpoint
 from scalept import fuse, infer, shards
 from scalept.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
-from scalept.data.batching import tile_voxel_counts
 from scalept.data.dataset import voxelize
 from scalept.data.semantickitti import read_labels, to_raw
 from scalept.data.tiles import TileFile, tile_file_path
@@ -74,7 +73,7 @@ def test_rerun_skips_finished_chunks_whatever_the_world_size(block_tiles):
 
 
 def test_fused_labels_equal_whole_frame_prediction_with_sampling_none(tmp_path):
-    cfg = compose(*base_overrides(tmp_path, "none"), "preprocess.crop.max_range=null", "infer.batch_voxels=1000000")
+    cfg = compose(*base_overrides(tmp_path, "none"), "preprocess.crop.max_range=null", "infer.batch_points=1000000")
     prepare_tiles(cfg)
     save_random_checkpoint(cfg)
     infer.run(cfg)
@@ -117,15 +116,15 @@ def test_checkpoint_of_another_model_is_a_one_line_error(block_tiles, tmp_path):
     assert "another model configuration" in message and "enc_channels" in message and "\n" not in message
 
 
-def test_voxel_budget_batches_keep_the_budget_and_change_no_prediction(block_tiles, tmp_path):
+def test_point_budget_batches_keep_the_budget_and_change_no_prediction(block_tiles, tmp_path):
     cfg = compose(*base_overrides(block_tiles), "infer.frames_per_chunk=2")
     tile_file = TileFile(tile_file_path(cfg.tiles_dir, cfg.sampling.name, "08"))
-    voxels = tile_voxel_counts([tile_file.path], 0.2)[0]
+    points = np.diff(tile_file.tile_offsets)
     chunks = shards.plan_chunks({"08": tile_file.num_frames}, 2)
-    budget = int(np.percentile(voxels, 90) * 2)
-    batches, per_chunk = infer._batches({"08": tile_file}, chunks, {"08": voxels}, budget)
+    budget = int(np.percentile(points, 90) * 2)
+    batches, per_chunk = infer._batches({"08": tile_file}, chunks, budget)
     assert [t for b in batches for t in b] == list(range(tile_file.num_tiles))  # every tile once, in order
-    assert all(len(b) == 1 or voxels[b].sum() <= budget for b in batches)
+    assert all(len(b) == 1 or points[b].sum() <= budget for b in batches)
     assert max(len(b) for b in batches) > 1  # small tiles share a forward pass
     bounds = np.cumsum([0, *per_chunk])
     for c, chunk in enumerate(chunks):  # no batch crosses a chunk
@@ -134,7 +133,7 @@ def test_voxel_budget_batches_keep_the_budget_and_change_no_prediction(block_til
     # one tile per forward pass or many: the same fused labels
     save_random_checkpoint(cfg)
     labels = {}
-    for name, budget_override in (("alone", "infer.batch_voxels=1"), ("packed", "infer.batch_voxels=1000000")):
+    for name, budget_override in (("alone", "infer.batch_points=1"), ("packed", "infer.batch_points=1000000")):
         run_cfg = compose(*base_overrides(block_tiles), "infer.frames_per_chunk=2", budget_override)
         out = infer.infer_dir(run_cfg)
         for shard in out.glob("shard-*.h5"):

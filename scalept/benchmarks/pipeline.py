@@ -1,7 +1,7 @@
 """End-to-end inference + fusion throughput per sampling strategy: ``python -m scalept.benchmarks.pipeline``.
 
     python -m scalept.benchmarks.pipeline [--real PATH] [--synthetic-frames 4] [--strategies ...]
-                                          [--fusion logit_average] [--batch-voxels 400000] [--workers 0]
+                                          [--fusion logit_average] [--batch-points 400000] [--workers 0]
                                           [--json runs/benchmarks/pipeline.json]
 
 For every strategy the frames are tiled first (not timed), then stage=infer
@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--strategies", nargs="*", default=ALL_STRATEGIES)
     parser.add_argument("--fusion", default="logit_average")
     parser.add_argument("--model", default=None, help="ptv3 or ptv3_tiny (default: ptv3 on GPU, tiny on CPU)")
-    parser.add_argument("--batch-voxels", type=int, default=400_000, help="infer.batch_voxels")
+    parser.add_argument("--batch-points", type=int, default=400_000, help="infer.batch_points")
     parser.add_argument("--workers", type=int, default=0, help="infer.num_workers (DataLoader processes)")
     parser.add_argument("--json", type=Path, default=Path("runs/benchmarks/pipeline.json"))
     args = parser.parse_args(argv)
@@ -168,9 +168,9 @@ def main(argv=None) -> dict:
     train = "outdoor" if model == "ptv3" else "embedded"
     results: dict = {"device": torch.cuda.get_device_name() if gpu else f"cpu ({os.cpu_count()} cores)",
                      "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                     "model": model, "fusion": args.fusion, "workers": args.workers, "batch_voxels": args.batch_voxels}
+                     "model": model, "fusion": args.fusion, "workers": args.workers, "batch_points": args.batch_points}
     with tempfile.TemporaryDirectory() as tmp:
-        base = [f"data_dir={tmp}", f"model={model}", f"train={train}", f"infer.batch_voxels={args.batch_voxels}",
+        base = [f"data_dir={tmp}", f"model={model}", f"train={train}", f"infer.batch_points={args.batch_points}",
                 f"infer.num_workers={args.workers}", "infer.frames_per_chunk=4", f"run_dir={tmp}/runs/${{sampling.name}}"]
         if args.real:
             from scalept.data.semantickitti import Sequence, list_sequences
