@@ -31,7 +31,7 @@ from preprocessing.tiling import make_tiles
 from scalept.errors import ConfigError
 from scalept.data.dataset import split_sequences
 from scalept.data.semantickitti import IGNORE_INDEX, Sequence
-from scalept.data.tiles import (FrameTiles, TileFile, TileFileError, is_complete, merge_tile_files,
+from scalept.data.tiles import (FrameTiles, TileFile, TileFileError, fill_map, is_complete, merge_tile_files,
                                 tile_file_path, write_tile_file)
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def run_unit(cfg: DictConfig, unit: Unit) -> Path | None:
         frame_id = sequence.scans[index].stem
         labels = frame.labels if frame.labels is not None else np.full(len(frame.points), IGNORE_INDEX)
         tiles = tile_frame(frame.points, sampling, crop, frame_rng(sampling.get("seed", 0), unit.sequence, frame_id))
-        frames.append(FrameTiles(frame_id, frame.points, labels, tiles))
+        frames.append(FrameTiles(frame_id, frame.points, labels, tiles, fill_map(frame.points, tiles)))
     write_tile_file(part, frames, attrs)
     return part
 

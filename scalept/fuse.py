@@ -13,7 +13,8 @@ naming it, never a silently lower mIoU), then per frame:
   (``weighting: entropy``), or the tile of lowest entropy H alone (``weighting: lowest``);
   the fused per-point entropy is written beside the predictions;
 * points outside every tile (range-cropped) take the label (and entropy) of the
-  nearest point that has a prediction (``scipy.spatial.cKDTree``).
+  nearest point that has a prediction: gathered through the tile file's fill map,
+  found once by preprocessing (``scipy.spatial.cKDTree`` here for older tile files).
 
 Outputs, under ``<run_dir>/infer/<fusion.name>/`` (``<fusion.name>-lowest/`` for
 ``weighting: lowest``, which reuses the mc_uncertainty shards)::
@@ -39,11 +40,10 @@ import h5py
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from scipy.spatial import cKDTree
 
 from scalept.atomic import atomic_path
 from scalept.data.semantickitti import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, to_raw, write_labels
-from scalept.data.tiles import TileFile, tile_file_path
+from scalept.data.tiles import TileFile, nearest_covered, tile_file_path
 from scalept.errors import ConfigError
 from scalept.infer import infer_dir, infer_sequences
 from scalept.shards import Chunk, InferenceError, plan_chunks, shard_kind, usable_chunk_file, values_name
@@ -123,19 +123,25 @@ def fuse_frame(num_points: int, point_index: np.ndarray, values: np.ndarray, met
 def fill_nearest(xyz: np.ndarray, covered: np.ndarray, *arrays: np.ndarray) -> int:
     """Give every uncovered point the values of its nearest covered point, in place; returns how many.
 
-    With no covered point at all, nothing can be filled (predictions stay -1).
+    With no covered point at all, nothing can be filled (predictions stay -1). For tile
+    files without a fill map; :func:`fill_from_map` gathers what their preprocessing found.
     """
-    missing = np.flatnonzero(~covered)
-    if len(missing) == 0 or not covered.any():
-        return 0
-    known = np.flatnonzero(covered)
-    tree = cKDTree(xyz[known, :3], balanced_tree=False, compact_nodes=False)
-    _, nearest = tree.query(xyz[missing, :3], k=1)
-    source = known[nearest]
+    missing, source = nearest_covered(xyz, covered)
     for array in arrays:
         if array is not None:
             array[missing] = array[source]
     return len(missing)
+
+
+def fill_from_map(fill: np.ndarray, covered: np.ndarray, where: str, *arrays: np.ndarray) -> int:
+    """:func:`fill_nearest` through a tile file's fill map (rows: point in no tile, its nearest tiled point)."""
+    if not np.array_equal(fill[:, 0], np.flatnonzero(~covered)) and covered.any():
+        raise InferenceError(f"{where}: the fill map does not match the predicted points; delete the tile file, "
+                             "rerun stage=preprocess, then stage=infer")
+    for array in arrays:
+        if array is not None:
+            array[fill[:, 0]] = array[fill[:, 1]]
+    return len(fill)
 
 
 # --------------------------------------------------------------------------- reading the shards
@@ -274,11 +280,16 @@ def run(cfg: DictConfig) -> dict:
                     values = h5[values_name(kind)][lo:hi]
                     entropy = h5["entropy"][lo:hi] if kind == "mc" else None
                     p_lo, p_hi = tf.frame_offsets[f], tf.frame_offsets[f + 1]
-                    xyz = tf.h5["points"][p_lo:p_hi, :3]
+                    fill = tf.fill(f) if tf.has_fill_map else None
+                    xyz = tf.h5["points"][p_lo:p_hi, :3] if fill is None else None
                     t1 = time.perf_counter()
                     fused = fuse_frame(p_hi - p_lo, point_index, values, method, entropy, weighting, temperature)
                     t2 = time.perf_counter()
-                    filled = fill_nearest(xyz, fused.covered, fused.pred, fused.entropy)
+                    if fill is None:
+                        filled = fill_nearest(xyz, fused.covered, fused.pred, fused.entropy)
+                    else:
+                        filled = fill_from_map(fill, fused.covered, f"{tf.path} frame {tf.frame_ids[f]}",
+                                               fused.pred, fused.entropy)
                     t3 = time.perf_counter()
                     frame_id = tf.frame_ids[f]
                     write_labels(target / "predictions" / f"{frame_id}.label", to_raw(fused.pred))

@@ -11,6 +11,7 @@ import pytest
 from inference_helpers import base_overrides, compose, prepare_tiles, save_random_checkpoint
 from scalept import fuse, infer
 from scalept.data.semantickitti import NUM_CLASSES, read_labels
+from scalept.data.tiles import TileFile, tile_file_path
 from scalept.errors import ConfigError, ScalePTError
 from scalept.shards import InferenceError
 
@@ -150,6 +151,40 @@ def test_fuse_writes_predictions_metrics_table_and_figure(inferred):
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved["iou"]) >= {"car", "road"} and 0 <= saved["miou"] <= 1 and saved["sampling"] == "block"
     assert (out / "iou.md").read_text().count("\n") > NUM_CLASSES and (out / "confusion.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("fusion", ["logit_average", "mc_uncertainty"])
+def test_fill_map_gives_what_the_nearest_neighbour_search_gives(inferred, tmp_path, fusion):
+    root = _copy(inferred, tmp_path)
+    overrides = [*base_overrides(root), f"fusion={fusion}"] + (["fusion.mc_passes=2"] if fusion != "logit_average" else [])
+    cfg = compose(*overrides)
+    tiles = tile_file_path(cfg.tiles_dir, cfg.sampling.name, "08")
+    assert TileFile(tiles).has_fill_map  # written by the preprocessing stage
+    out = infer.infer_dir(cfg)
+
+    def outputs():
+        metrics = fuse.run(cfg)
+        files = sorted((out / "sequences" / "08").glob("*/*"))
+        return metrics, {p.relative_to(out): p.read_bytes() for p in files}
+
+    gathered, gathered_files = outputs()
+    with h5py.File(tiles, "a") as h5:  # a tile file from before fill maps
+        del h5["fill"], h5["frame_fill_offsets"]
+    assert not TileFile(tiles).has_fill_map
+    searched, searched_files = outputs()
+    assert gathered["num_filled"] > 0 and gathered["num_filled"] == searched["num_filled"]
+    assert gathered_files == searched_files and gathered["miou"] == searched["miou"]
+
+
+def test_a_fill_map_that_disagrees_with_the_shards_is_a_one_line_error(inferred, tmp_path):
+    root = _copy(inferred, tmp_path)
+    cfg = compose(*base_overrides(root))
+    tiles = tile_file_path(cfg.tiles_dir, cfg.sampling.name, "08")
+    with h5py.File(tiles, "a") as h5:
+        h5["fill"][0, 0] = h5["fill"][1, 0]  # an uncovered point missing from the map
+    with pytest.raises(InferenceError, match="08.h5 frame 000000: the fill map does not match") as err:
+        fuse.run(cfg)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("weighting", ["entropy", "lowest"])

@@ -10,6 +10,12 @@ Layout (flat arrays plus offsets, chunked, labels and indices compressed; DESIGN
     /tile_offsets         (T+1,)  int64 tile t is tile_indices[tile_offsets[t]:tile_offsets[t+1]]
     /tile_indices         (I,)    int32 point index within its frame
     /tile_frame           (T,)    int32 frame of each tile
+    /frame_fill_offsets   (F+1,)  int64 frame f's fill rows are fill[frame_fill_offsets[f]:...[f+1]]
+    /fill                 (U, 2)  int32 (point in no tile, nearest point in a tile), within its frame
+
+The fill map (the last two) lets fusion give range-cropped points the prediction of their
+nearest tiled point by a gather instead of a nearest-neighbour search per frame; files
+written before it existed lack it and fusion searches instead.
 
 Attributes: ``sampling`` (JSON of the strategy and its parameters), ``crop``
 (JSON), ``sequence``, ``has_labels``, ``format_version`` and ``complete``,
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from scipy.spatial import cKDTree
 
 from scalept.atomic import atomic_path
 from scalept.errors import ScalePTError
@@ -45,6 +52,7 @@ class FrameTiles:
     points: np.ndarray  # (N, 4) float32
     labels: np.ndarray  # (N,) int8, -1 ignored
     tiles: list[np.ndarray]  # ascending int32 indices into points
+    fill: np.ndarray | None = None  # (U, 2) int32 fill map of the frame (see fill_map), None: not stored
 
 
 def _flat(arrays: Sequence[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -58,13 +66,35 @@ def _flat(arrays: Sequence[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
 # compressor (lzf: 0.88 of the size at 15x the write time), so points are stored
 # plain; labels shrink to 0.10 with lzf, ascending tile indices to 0.04 with
 # shuffle + lzf, at 1-3 ms per frame.
-_FILTERS = {"points": {}, "labels": {"compression": "lzf"}, "tile_indices": {"compression": "lzf", "shuffle": True}}
-_DTYPES = {"points": np.float32, "labels": np.int8, "tile_indices": np.int32}
-_CHUNK_ROWS = {"points": 1 << 16, "labels": 1 << 17, "tile_indices": 1 << 17}
+_FILTERS = {"points": {}, "labels": {"compression": "lzf"}, "tile_indices": {"compression": "lzf", "shuffle": True},
+            "fill": {"compression": "lzf", "shuffle": True}}
+_DTYPES = {"points": np.float32, "labels": np.int8, "tile_indices": np.int32, "fill": np.int32}
+_CHUNK_ROWS = {"points": 1 << 16, "labels": 1 << 17, "tile_indices": 1 << 17, "fill": 1 << 16}
+_COLUMNS = {"points": 4, "fill": 2}
+
+
+def nearest_covered(xyz: np.ndarray, covered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(uncovered points, the nearest covered point of each); both empty when nothing or everything is covered."""
+    missing = np.flatnonzero(~covered)
+    if len(missing) == 0 or not covered.any():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    known = np.flatnonzero(covered)
+    tree = cKDTree(xyz[known, :3], balanced_tree=False, compact_nodes=False)
+    _, nearest = tree.query(xyz[missing, :3], k=1)
+    return missing, known[nearest]
+
+
+def fill_map(points: np.ndarray, tiles: Sequence[np.ndarray]) -> np.ndarray:
+    """(U, 2) int32 rows (point in no tile, its nearest point in a tile) of one frame."""
+    covered = np.zeros(len(points), dtype=bool)
+    for tile in tiles:
+        covered[tile] = True
+    missing, source = nearest_covered(points, covered)
+    return np.stack([missing, source], axis=1).astype(np.int32)
 
 
 def _flat_dataset(h5: h5py.File, name: str, rows: int, data: np.ndarray | None = None) -> h5py.Dataset:
-    shape = (rows, 4) if name == "points" else (rows,)
+    shape = (rows, _COLUMNS[name]) if name in _COLUMNS else (rows,)
     chunks = (min(_CHUNK_ROWS[name], max(1, rows)),) + shape[1:]
     return h5.create_dataset(name, shape=shape, dtype=_DTYPES[name], data=data, chunks=chunks, **_FILTERS[name])
 
@@ -78,6 +108,9 @@ def write_tile_file(path: str | os.PathLike, frames: Iterable[FrameTiles], attrs
     tile_indices, tile_offsets = _flat(all_tiles, np.int32)
     frame_tile_offsets = np.r_[0, np.cumsum([len(f.tiles) for f in frames])].astype(np.int64)
     tile_frame = np.repeat(np.arange(len(frames), dtype=np.int32), np.diff(frame_tile_offsets))
+    has_fill = bool(frames) and all(f.fill is not None for f in frames)
+    if has_fill:
+        fill, frame_fill_offsets = _flat([f.fill for f in frames], np.int32)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as h5:
             h5.create_dataset("frame_ids", data=np.array([f.frame_id for f in frames], dtype=_FRAME_ID))
@@ -88,6 +121,9 @@ def write_tile_file(path: str | os.PathLike, frames: Iterable[FrameTiles], attrs
             h5.create_dataset("tile_offsets", data=tile_offsets)
             _flat_dataset(h5, "tile_indices", len(tile_indices), tile_indices)
             h5.create_dataset("tile_frame", data=tile_frame)
+            if has_fill:
+                h5.create_dataset("frame_fill_offsets", data=frame_fill_offsets)
+                _flat_dataset(h5, "fill", len(fill), fill.reshape(-1, 2))
             for key, value in attrs.items():
                 h5.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
             h5.attrs["format_version"] = FORMAT_VERSION
@@ -121,6 +157,7 @@ class TileFile:
             self.frame_tile_offsets = h5["frame_tile_offsets"][:]
             self.tile_offsets = h5["tile_offsets"][:]
             self.tile_frame = h5["tile_frame"][:]
+            self.frame_fill_offsets = h5["frame_fill_offsets"][:] if "frame_fill_offsets" in h5 else None
             self.attrs = {k: _decode_attr(v) for k, v in h5.attrs.items()}
 
     def __getstate__(self):
@@ -150,6 +187,14 @@ class TileFile:
         tiles = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         return FrameTiles(self.frame_ids[f], self.h5["points"][lo:hi], self.h5["labels"][lo:hi], tiles)
 
+    @property
+    def has_fill_map(self) -> bool:
+        return self.frame_fill_offsets is not None
+
+    def fill(self, f: int) -> np.ndarray:
+        """Frame ``f``'s fill map: (U, 2) rows (point in no tile, nearest point in a tile)."""
+        return self.h5["fill"][self.frame_fill_offsets[f] : self.frame_fill_offsets[f + 1]]
+
     def tile(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Points, labels and frame indices of tile ``t`` (reads only the tile's frame span)."""
         f = self.tile_frame[t]
@@ -177,42 +222,49 @@ def tile_file_path(tiles_dir: str | os.PathLike, sampling: str, sequence: str) -
 
 
 # offset array -> the array whose running count it holds
-_OFFSETS = {"frame_offsets": "points", "frame_tile_offsets": "tile_frame", "tile_offsets": "tile_indices"}
+_OFFSETS = {"frame_offsets": "points", "frame_tile_offsets": "tile_frame", "tile_offsets": "tile_indices",
+            "frame_fill_offsets": "fill"}
 
 
 def merge_tile_files(parts: Sequence[str | os.PathLike], path: str | os.PathLike, attrs: dict) -> None:
     """Concatenate complete part files (consecutive frame chunks) into one tile file, atomically.
 
     Streams one part at a time, so memory stays bounded by the largest part and not
-    by the sequence (a 4,000-frame sequence holds about 8 GB of points).
+    by the sequence (a 4,000-frame sequence holds about 8 GB of points). The fill map is
+    kept when every part has one.
     """
     sizes = {}
+    with_fill = True
     for part in parts:
         if not is_complete(part):
             raise TileFileError(f"{part}: part file is incomplete; rerun its preprocessing array task")
         with h5py.File(part, "r") as h5:
-            for name in ("points", "labels", "tile_indices", "tile_frame", "frame_ids"):
-                sizes[name] = sizes.get(name, 0) + len(h5[name])
+            with_fill = with_fill and "fill" in h5
+            for name in ("points", "labels", "tile_indices", "tile_frame", "frame_ids", "fill"):
+                if name in h5:
+                    sizes[name] = sizes.get(name, 0) + len(h5[name])
+    flat = ["points", "labels", "tile_indices"] + (["fill"] if with_fill else [])
+    offsets = {k: v for k, v in _OFFSETS.items() if with_fill or v != "fill"}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as out:
         out.create_dataset("frame_ids", shape=(sizes["frame_ids"],), dtype=_FRAME_ID)
-        for name in _FILTERS:
+        for name in flat:
             _flat_dataset(out, name, sizes[name])
         out.create_dataset("tile_frame", shape=(sizes["tile_frame"],), dtype=np.int32)
-        for name in _OFFSETS:
+        for name in offsets:
             rows = sizes["frame_ids"] if name != "tile_offsets" else sizes["tile_frame"]
             out.create_dataset(name, shape=(rows + 1,), dtype=np.int64)
             out[name][0] = 0
-        done = dict.fromkeys(["frame_ids", "points", "labels", "tile_indices", "tile_frame"], 0)
+        done = dict.fromkeys(["frame_ids", "tile_frame", *flat], 0)
         for part in parts:
             with h5py.File(part, "r") as h5:
                 n_frames, n_tiles = len(h5["frame_ids"]), len(h5["tile_frame"])
                 f0, t0 = done["frame_ids"], done["tile_frame"]
                 out["frame_ids"][f0 : f0 + n_frames] = h5["frame_ids"][:]
                 out["tile_frame"][t0 : t0 + n_tiles] = h5["tile_frame"][:] + f0
-                for name, target in _OFFSETS.items():
+                for name, target in offsets.items():
                     start = f0 if name != "tile_offsets" else t0
                     out[name][start + 1 : start + len(h5[name])] = h5[name][1:] + done[target]
-                for name in ("points", "labels", "tile_indices"):
+                for name in flat:
                     n = len(h5[name])
                     for lo in range(0, n, 1 << 22):  # bounded copies even for huge parts
                         hi = min(n, lo + (1 << 22))

@@ -7,7 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from scalept.data.tiles import FrameTiles, TileFile, TileFileError, is_complete, merge_tile_files, write_tile_file
+from scalept.data.tiles import (FrameTiles, TileFile, TileFileError, fill_map, is_complete, merge_tile_files,
+                                nearest_covered, write_tile_file)
 
 
 def make_frames(n_frames, seed=0, first=0):
@@ -90,3 +91,43 @@ def test_handle_is_lazy_and_not_pickled(tmp_path):
     clone = pickle.loads(pickle.dumps(tile_file))  # what a DataLoader worker receives
     assert clone._h5 is None
     assert_same(clone, frames)
+
+
+def with_fill(frames):
+    return [FrameTiles(f.frame_id, f.points, f.labels, f.tiles, fill_map(f.points, f.tiles)) for f in frames]
+
+
+def test_fill_map_points_every_untiled_point_at_its_nearest_tiled_point(tmp_path):
+    frames = with_fill(make_frames(6, seed=5))
+    for frame in frames:
+        covered = np.zeros(len(frame.points), bool)
+        for tile in frame.tiles:
+            covered[tile] = True
+        assert frame.fill[:, 0].tolist() == np.flatnonzero(~covered).tolist()
+        assert covered[frame.fill[:, 1]].all()
+        # nearest: no tiled point is closer than the chosen one
+        xyz = frame.points[:, :3]
+        for point, source in frame.fill[:5]:
+            distances = np.linalg.norm(xyz[covered] - xyz[point], axis=1)
+            assert np.linalg.norm(xyz[source] - xyz[point]) == pytest.approx(distances.min())
+    parts = []
+    for i, (lo, hi) in enumerate([(0, 2), (2, 6)]):
+        parts.append(tmp_path / f"part{i}.h5")
+        write_tile_file(parts[-1], frames[lo:hi], {})
+    merge_tile_files(parts, tmp_path / "merged.h5", {})
+    for path in (parts[1], tmp_path / "merged.h5"):
+        tile_file = TileFile(path)
+        assert tile_file.has_fill_map
+        first = 0 if path.name == "merged.h5" else 2
+        for f in range(tile_file.num_frames):
+            np.testing.assert_array_equal(tile_file.fill(f), frames[first + f].fill)
+    # a part without a fill map (written by an older ScalePT) makes a merged file without one
+    write_tile_file(parts[0], make_frames(2, seed=5), {})
+    merge_tile_files(parts, tmp_path / "mixed.h5", {})
+    assert not TileFile(tmp_path / "mixed.h5").has_fill_map
+    assert_same(TileFile(tmp_path / "mixed.h5"), frames)
+
+
+def test_nothing_to_fill_without_a_tiled_point():
+    missing, source = nearest_covered(np.zeros((4, 3), np.float32), np.zeros(4, bool))
+    assert len(missing) == len(source) == 0
