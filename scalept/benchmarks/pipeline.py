@@ -7,7 +7,8 @@
 For every strategy the frames are tiled first (not timed), then stage=infer
 (tiles read -> logits -> shards) and stage=fuse (shards -> fused labels written,
 scored) run as the launcher runs them, and frames/s is frames / (infer + fuse
-seconds). Weights are random (a checkpoint saved here): the figures are about
+seconds). On a GPU it also reports the share of that time the GPU was busy and the
+peak allocated memory. Weights are random (a checkpoint saved here): the figures are about
 speed, the mIoU is meaningless. Model: ``ptv3`` (train=outdoor, 0.05 m) on a GPU,
 ``ptv3_tiny`` (train=embedded, 0.1 m) on the CPU. Real scans come from ``--real``
 (default $SCALEPT_REAL_DATA), else full-size synthetic frames are generated.
@@ -33,6 +34,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from scalept.benchmarks.gpu import BusySampler
 from scalept.launch import CONF_DIR
 
 ALL_STRATEGIES = sorted(p.stem for p in (CONF_DIR / "sampling").glob("*.yaml"))
@@ -85,14 +87,21 @@ def pipeline_case(base: list[str], strategy: str, fusion: str) -> dict:
     preprocess(cfg)
     tiling_s = time.perf_counter() - started
     _save_checkpoint(cfg)
-    started = time.perf_counter()
-    summary = infer.run(cfg, rank=0, world_size=1)
-    infer_s = time.perf_counter() - started
-    started = time.perf_counter()
-    metrics = fuse.run(cfg)
-    fuse_s = time.perf_counter() - started
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with BusySampler() as busy:
+        started = time.perf_counter()
+        summary = infer.run(cfg, rank=0, world_size=1)
+        infer_end = time.perf_counter()
+        metrics = fuse.run(cfg)
+        fuse_end = time.perf_counter()
+    infer_s, fuse_s = infer_end - started, fuse_end - infer_end
     frames = metrics["num_frames"]
     return {
+        "gpu_busy": busy.mean_between(started, fuse_end), "gpu_busy_infer": busy.mean_between(started, infer_end),
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
         "strategy": strategy, "fusion": fusion, "frames": frames, "tiles": summary["tiles_predicted"],
         "points": metrics["num_points"], "tile_points": metrics["num_tile_points"],
         "overlap": metrics["num_tile_points"] / max(1, metrics["num_fused"]), "filled": metrics["num_filled"],
@@ -206,6 +215,12 @@ def main(argv=None) -> dict:
         print(f"{r['strategy']:<11} {r['frames']:>6} {r['tiles']:>6} {r['overlap']:>7.2f} {r['infer_s']:>8.2f} "
               f"{r['fuse_s']:>7.2f} {r['fps']:>8.2f} {r['infer_fps']:>9.2f} {r['fuse_fps']:>8.1f} "
               f"{r['fusion_mpts_per_s'] or 0:>14.1f}")
+    if gpu:
+        print("\nGPU busy (NVML: time with a kernel running) and peak allocated memory")
+        for r in results["pipeline"]:
+            busy = {k: "-" if r[k] is None else f"{r[k]:.0%}" for k in ("gpu_busy", "gpu_busy_infer")}
+            print(f"  {r['strategy']:<11} busy {busy['gpu_busy']:>4} end to end, {busy['gpu_busy_infer']:>4} in "
+                  f"inference; peak {r['peak_allocated_gib']:.2f} GiB")
     print("\ninfer seconds by phase (read: waiting for the loader; predict: model + copy to host; write: HDF5)")
     for r in results["pipeline"]:
         print(f"  {r['strategy']:<11} " + "  ".join(f"{k} {v:6.2f}" for k, v in r["infer_phase_s"].items()))

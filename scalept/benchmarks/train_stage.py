@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import statistics
-import subprocess
 import tempfile
-import threading
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 
+from scalept.benchmarks.gpu import BusySampler
 from scalept.launch import CONF_DIR
 
 PRESETS = {
@@ -36,49 +32,6 @@ PRESETS = {
     "outdoor": ["train=outdoor"],
     "uncapped": ["train=outdoor", "train.step_voxels=null", "train.checkpoint_levels=0"],
 }
-
-
-class BusySampler:
-    """GPU utilisation samples (time, percent) every ``interval`` seconds, from NVML or nvidia-smi."""
-
-    def __init__(self, interval: float = 0.1):
-        self.interval, self.samples = interval, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._proc = None
-
-    def _run(self) -> None:
-        try:
-            torch.cuda.utilization()
-            while not self._stop.is_set():
-                self.samples.append((time.perf_counter(), float(torch.cuda.utilization())))
-                time.sleep(self.interval)
-        except Exception:  # no pynvml: nvidia-smi's own sampling loop
-            if shutil.which("nvidia-smi") is None:
-                return
-            index = torch.cuda.current_device()
-            self._proc = subprocess.Popen(
-                ["nvidia-smi", f"--id={index}", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                 f"-lms={int(self.interval * 1000)}"], stdout=subprocess.PIPE, text=True)
-            for line in self._proc.stdout:
-                if self._stop.is_set():
-                    break
-                if line.strip().isdigit():
-                    self.samples.append((time.perf_counter(), float(line)))
-
-    def __enter__(self) -> BusySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._proc is not None:
-            self._proc.terminate()
-        self._thread.join(timeout=2)
-
-    def mean_between(self, start: float, end: float) -> float | None:
-        values = [v for t, v in self.samples if start <= t <= end]
-        return statistics.mean(values) / 100 if values else None
 
 
 def make_synthetic(root: Path, sequences: int, frames: int) -> list[str]:
@@ -106,7 +59,7 @@ def compose_run(work: Path, data: list[str], preset: str, args) -> object:
         return compose(config_name="config", overrides=[o for o in overrides if o] + args.override)
 
 
-def steady_state(result: dict, busy: BusySampler | None) -> dict:
+def steady_state(result: dict, busy: BusySampler) -> dict:
     """Figures of every logging window after the first."""
     windows = result["windows"][1:]
     if not windows:
@@ -119,7 +72,7 @@ def steady_state(result: dict, busy: BusySampler | None) -> dict:
         "steps": steps, "voxels_per_s": voxels * result["world_size"] / seconds, "ms_per_step": 1e3 * seconds / steps,
         "voxels_per_step": voxels * result["world_size"] / steps,
         "micro_batches_per_step": result["micro_batches_per_step"], "batch_voxels": result["batch_voxels"],
-        "gpu_busy": busy.mean_between(start, windows[-1][3]) if busy else None,
+        "gpu_busy": busy.mean_between(start, windows[-1][3]),
     }
 
 
@@ -178,9 +131,9 @@ def main(argv=None) -> dict:
         if gpu:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        with BusySampler() if gpu else _Nothing() as busy:
+        with BusySampler() as busy:
             result = train.run(cfg)
-        row = {"preset": preset, **steady_state(result, busy if gpu else None),
+        row = {"preset": preset, **steady_state(result, busy),
                "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
                "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if gpu else None,
                "final_loss": result["final_loss"]}
@@ -197,14 +150,6 @@ def main(argv=None) -> dict:
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")
     return report
-
-
-class _Nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def print_row(row: dict) -> None:
