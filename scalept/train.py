@@ -41,7 +41,7 @@ finished is skipped (train longer in a new run_dir or with ``train.resume=false`
 (seed, epoch, tile) and the data order of (seed, epoch), neither depends on
 how many times the job was restarted.
 
-Layout. This module sets the run up and holds the epoch / optimizer-step loop; its
+Layout. This module sets the run up and holds the epoch / optimizer-step loop (:class:`Trainer`); its
 pieces (data, optimizer, resumable state, reporting) live in :mod:`scalept.training`.
 """
 from __future__ import annotations
@@ -113,144 +113,191 @@ def _model_config(cfg: DictConfig) -> dict:
 
 
 def _train(cfg: DictConfig, env: dist_env.DistEnv, step_hook: Callable[[int], None] | None = None) -> dict:
-    t_start = time.perf_counter()
-    tcfg = cfg.train
-    device = dist_env.device()
-    main = env.is_main
-    run_dir = Path(cfg.run_dir)
-    last_path, best_path = checkpoint_path(run_dir, "last"), checkpoint_path(run_dir, "best")
-
+    last_path = checkpoint_path(Path(cfg.run_dir), "last")
     state = load_resume_state(cfg, last_path)
     if state is not None and state.get("finished"):
         log.info("train: %s says training finished (step %d); nothing to do", last_path, state["step"])
-        return {**read_train_metrics(run_dir), "step_losses": [], "preempted": False, "skipped": True}
-
-    # setup, in the order that fixes the RNG draws: seed, data, model init, optimizer, resume
-    seed = int(cfg.seed)
-    seed_everything(seed)
-    data = build_train_data(cfg, env.rank, env.world_size, device, seed)
-    accum, epochs = data.accum, data.epochs
-    model = build_model(_model_config(cfg), NUM_CLASSES).to(device)
-    step_voxels = round(data.step_voxels)  # mean voxels of an optimizer step, every rank together
-    lr, optimizer, scheduler = build_optimizer(model, cfg.optim, step_voxels, data.total_steps, device)
-    start = restore(state, model, optimizer, scheduler, env.world_size, main, last_path, data.total_steps)
-    step, epoch, skip_batches, best_miou, total_steps = (start.step, start.epoch, start.batch_in_epoch,
-                                                         start.best_miou, start.total_steps)
-
-    if env.world_size > 1:
-        device_ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    use_amp = bool(tcfg.get("amp", True)) and device.type == "cuda"
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
-
-    stop = StopFlag().install()
-    stop_at = tcfg.get("stop_at_step")
-    reporter = Reporter(run_dir, main, total_steps, step, int(tcfg.log_every))
-    lovasz_weight = float(tcfg.get("lovasz_weight", 1.0))
-    val_every = int(tcfg.val_every)
-    has_val = len(cfg.dataset.splits.get("val", [])) > 0
-    checkpointer = Checkpointer(cfg, model, optimizer, scheduler, main, env.world_size, step_voxels)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    steps_log = StepLog(reporter, device, env.world_size)
-    last_val_epoch, preempted, step_lr = -1, False, float(scheduler.get_last_lr()[0])
-    model.train()
-
+        return {**read_train_metrics(Path(cfg.run_dir)), "step_losses": [], "preempted": False, "skipped": True}
+    trainer = Trainer(cfg, env, state, step_hook)
     try:
-        while epoch < epochs and step < total_steps:
-            data.batches.set_epoch(epoch)
-            data.batches.skip = skip_batches
-            batches_per_epoch = data.micro_steps(epoch)
-            micro = skip_batches
-            skip_batches = 0
-            for batch in data.loader:
-                # micro-batches of one optimizer step; the epoch's last step may have fewer
-                group = micro // accum
-                group_end = min((group + 1) * accum, batches_per_epoch)
-                final_micro = micro + 1 == group_end
-                b = to_device(batch, device, ("feat", "grid", "offsets", "label"))
-                sync = contextlib.nullcontext() if final_micro or env.world_size == 1 else model.no_sync()
-                with sync:
-                    with autocast():
-                        logits = model(b["feat"], b["grid"], b["offsets"])
-                    loss, _ = segmentation_loss(logits, b["label"], lovasz_weight)
-                    (loss / (group_end - group * accum)).backward()
-                group_loss = loss.detach() if micro == group * accum else group_loss + loss.detach()
-                steps_log.add_voxels(len(batch["feat"]))
-                micro += 1
-                if not final_micro:
-                    continue
-                optimizer.step()
-                step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used (logged)
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                steps_log.add_step(group_loss / (group_end - group * accum))
-                if step_hook is not None:
-                    step_hook(step)
-                if stop_at is not None and step >= int(stop_at):
-                    stop.request(f"train.stop_at_step={stop_at}")
-                stopping = dist_env.any_rank(stop.requested)
-                if stopping or step % reporter.log_every == 0 or step >= total_steps:
-                    steps_log.flush(step, step_lr, epoch)
-                if stopping:
-                    stop.reason = stop.reason or ANOTHER_RANK
-                    checkpointer.save(last_path, epoch, micro, step, best_miou)
-                    preempted = True
-                    if main:
-                        log.warning("train: stopping at step %d (%s); %s written, rerun to resume", step,
-                                    stop.reason, last_path)
-                    break
-                if step >= total_steps:
-                    break
-            if preempted:
-                break
-            epoch += 1
-            steps_log.flush(step, step_lr, epoch - 1)  # one read-back per epoch besides the log_every ones
-            if has_val and val_every > 0 and (epoch % val_every == 0 or epoch >= epochs or step >= total_steps):
-                confusion = validate(unwrap(model), cfg, device, autocast)  # not through DDP: shards may differ in size
-                miou = mean_iou(confusion)
-                last_val_epoch = epoch
-                reporter.validation(step, epoch, confusion)
-                if miou > best_miou:
-                    best_miou = miou
-                    checkpointer.save(best_path, epoch, 0, step, best_miou)
-            checkpointer.save(last_path, epoch, 0, step, best_miou, finished=epoch >= epochs or step >= total_steps)
-            steps_log.restart_clock()  # throughput counts training, not validation or saving
-        steps_log.flush(step, step_lr, epoch)
-        if not preempted and main and last_val_epoch < 0 and not best_path.is_file():
-            # no validation ran: best is the final model
-            checkpointer.save(best_path, epoch, 0, step, best_miou, finished=True)
+        preempted = trainer.fit()
     except BaseException:
-        stop.restore()
-        reporter.close()
+        trainer.stop.restore()
+        trainer.reporter.close()
         raise
-    if stop.signum is None:
-        stop.restore()
+    return trainer.finish(preempted)
 
-    metrics = {
-        "steps": step, "epochs": epoch, "total_steps": total_steps, "final_loss": steps_log.last_loss,
-        "best_val_miou": best_miou if best_miou > float("-inf") else None,
-        "points_per_s": (steps_log.total_voxels * env.world_size / steps_log.train_seconds
-                         if steps_log.train_seconds else None),
-        "voxels_seen_per_rank": steps_log.total_voxels, "peak_gpu_mem_gb": peak_gpu_mem_gb(device),
-        "peak_rss_gb": peak_rss_gb(), "seconds": time.perf_counter() - t_start, "world_size": env.world_size,
-        "step_voxels": step_voxels, "micro_batches_per_step": accum, "batch_voxels": data.budget, "lr": lr, "preempted": preempted, "device": str(device),
-    }
-    if main:
-        if not preempted:
-            reporter.hparams(cfg, {"best_val_miou": metrics["best_val_miou"] or 0.0, "final_loss": steps_log.last_loss})
-        write_train_metrics(run_dir, metrics)
-    reporter.close()
-    if stop.signum is not None or stop.reason == ANOTHER_RANK:  # never go on with a half-trained model
-        dist_env.barrier()
-        dist_env.teardown()
-        if stop.signum is not None:  # a real signal: let its previous owner act (default: terminate)
-            stop.reraise()
-        raise TrainingInterrupted(f"training stopped by {stop.reason} at step {step}; {last_path} written; "
-                                  "rerun the same command to resume")
-    return {**metrics, "step_losses": steps_log.step_losses, "param_digest": param_digest(unwrap(model)),
-            "windows": steps_log.windows}
+
+class Trainer:
+    """One training run: set up in the order that fixes the RNG draws, then epochs of optimizer steps.
+
+    ``fit`` runs the epochs (:meth:`train_epoch`: micro-batches, :meth:`optimizer_step`, stop
+    requests; :meth:`end_epoch`: validation and checkpoints); ``finish`` writes the metrics and
+    turns a signal into the exit the module docstring describes.
+    """
+
+    def __init__(self, cfg: DictConfig, env: dist_env.DistEnv, state: dict | None,
+                 step_hook: Callable[[int], None] | None = None):
+        self.started = time.perf_counter()
+        self.cfg, self.env, self.step_hook = cfg, env, step_hook
+        self.device = device = dist_env.device()
+        run_dir = Path(cfg.run_dir)
+        self.last_path, self.best_path = checkpoint_path(run_dir, "last"), checkpoint_path(run_dir, "best")
+        # seed, data, model init, optimizer, resume: this order fixes the RNG draws
+        seed = int(cfg.seed)
+        seed_everything(seed)
+        self.data = build_train_data(cfg, env.rank, env.world_size, device, seed)
+        model = build_model(_model_config(cfg), NUM_CLASSES).to(device)
+        self.step_voxels = round(self.data.step_voxels)  # mean voxels of an optimizer step, every rank together
+        self.lr, self.optimizer, self.scheduler = build_optimizer(model, cfg.optim, self.step_voxels,
+                                                                  self.data.total_steps, device)
+        start = restore(state, model, self.optimizer, self.scheduler, env.world_size, env.is_main, self.last_path,
+                        self.data.total_steps)
+        self.step, self.epoch, self.skip_batches = start.step, start.epoch, start.batch_in_epoch
+        self.best_miou, self.total_steps = start.best_miou, start.total_steps
+        if env.world_size > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.model = model
+        self.use_amp = bool(cfg.train.get("amp", True)) and device.type == "cuda"
+        self.lovasz_weight = float(cfg.train.get("lovasz_weight", 1.0))
+        self.stop = StopFlag().install()
+        self.reporter = Reporter(run_dir, env.is_main, self.total_steps, self.step, int(cfg.train.log_every))
+        self.checkpointer = Checkpointer(cfg, model, self.optimizer, self.scheduler, env.is_main, env.world_size,
+                                         self.step_voxels)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.steps_log = StepLog(self.reporter, device, env.world_size)
+        self.step_lr = float(self.scheduler.get_last_lr()[0])
+        self.last_val_epoch = -1
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else contextlib.nullcontext()
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.data.epochs or self.step >= self.total_steps
+
+    def fit(self) -> bool:
+        """Every remaining epoch; True when a stop request ended the run early (``last.pt`` written)."""
+        self.model.train()
+        while not self.done:
+            if self.train_epoch():
+                return True
+            self.epoch += 1
+            self.steps_log.flush(self.step, self.step_lr, self.epoch - 1)  # one read-back per epoch besides log_every
+            self.end_epoch()
+        self.steps_log.flush(self.step, self.step_lr, self.epoch)
+        if self.env.is_main and self.last_val_epoch < 0 and not self.best_path.is_file():
+            # no validation ran: best is the final model
+            self.checkpointer.save(self.best_path, self.epoch, 0, self.step, self.best_miou, finished=True)
+        return False
+
+    def micro_step(self, batch: dict, micro_batches: int, sync: bool) -> torch.Tensor:
+        """Forward and backward of one of ``micro_batches`` accumulated micro-batches (gradients all-reduced
+        only when ``sync``); returns its loss."""
+        b = to_device(batch, self.device, ("feat", "grid", "offsets", "label"))
+        no_sync = self.env.world_size > 1 and not sync
+        with self.model.no_sync() if no_sync else contextlib.nullcontext():
+            with self.autocast():
+                logits = self.model(b["feat"], b["grid"], b["offsets"])
+            loss, _ = segmentation_loss(logits, b["label"], self.lovasz_weight)
+            (loss / micro_batches).backward()
+        self.steps_log.add_voxels(len(batch["feat"]))
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used (logged)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def train_epoch(self) -> bool:
+        """The optimizer steps of ``self.epoch`` from its first undone micro-batch; True when stopped."""
+        data, accum = self.data, self.data.accum
+        data.batches.set_epoch(self.epoch)
+        data.batches.skip, micro, self.skip_batches = self.skip_batches, self.skip_batches, 0
+        micro_steps = data.micro_steps(self.epoch)
+        group_loss = None  # summed over the micro-batches of the current optimizer step
+        for batch in data.loader:
+            # micro-batches of one optimizer step; the epoch's last step may have fewer
+            first = micro // accum * accum
+            size = min(first + accum, micro_steps) - first
+            loss = self.micro_step(batch, size, sync=micro + 1 == first + size)
+            group_loss = loss if micro == first else group_loss + loss
+            micro += 1
+            if micro < first + size:
+                continue
+            self.optimizer_step()
+            self.steps_log.add_step(group_loss / size)
+            if self.step_hook is not None:
+                self.step_hook(self.step)
+            if self.check_stop(micro):
+                return True
+            if self.step >= self.total_steps:
+                break
+        return False
+
+    def check_stop(self, micro: int) -> bool:
+        """Log when due; if any rank was asked to stop, write ``last.pt`` at this step and say so."""
+        stop_at = self.cfg.train.get("stop_at_step")
+        if stop_at is not None and self.step >= int(stop_at):
+            self.stop.request(f"train.stop_at_step={stop_at}")
+        stopping = dist_env.any_rank(self.stop.requested)
+        if stopping or self.step % self.reporter.log_every == 0 or self.step >= self.total_steps:
+            self.steps_log.flush(self.step, self.step_lr, self.epoch)
+        if not stopping:
+            return False
+        self.stop.reason = self.stop.reason or ANOTHER_RANK
+        self.checkpointer.save(self.last_path, self.epoch, micro, self.step, self.best_miou)
+        if self.env.is_main:
+            log.warning("train: stopping at step %d (%s); %s written, rerun to resume", self.step, self.stop.reason,
+                        self.last_path)
+        return True
+
+    def end_epoch(self) -> None:
+        """Validation when due (best.pt on a new best), then ``last.pt``."""
+        val_every = int(self.cfg.train.val_every)
+        has_val = len(self.cfg.dataset.splits.get("val", [])) > 0
+        if has_val and val_every > 0 and (self.epoch % val_every == 0 or self.done):
+            # not through DDP: validation shards may differ in size
+            confusion = validate(unwrap(self.model), self.cfg, self.device, self.autocast)
+            miou = mean_iou(confusion)
+            self.last_val_epoch = self.epoch
+            self.reporter.validation(self.step, self.epoch, confusion)
+            if miou > self.best_miou:
+                self.best_miou = miou
+                self.checkpointer.save(self.best_path, self.epoch, 0, self.step, self.best_miou)
+        self.checkpointer.save(self.last_path, self.epoch, 0, self.step, self.best_miou, finished=self.done)
+        self.steps_log.restart_clock()  # throughput counts training, not validation or saving
+
+    def finish(self, preempted: bool) -> dict:
+        """Metrics (written by rank 0), then the end a stop asks for: re-raise its signal or raise."""
+        stop, log_, env = self.stop, self.steps_log, self.env
+        if stop.signum is None:
+            stop.restore()
+        metrics = {
+            "steps": self.step, "epochs": self.epoch, "total_steps": self.total_steps, "final_loss": log_.last_loss,
+            "best_val_miou": self.best_miou if self.best_miou > float("-inf") else None,
+            "points_per_s": log_.total_voxels * env.world_size / log_.train_seconds if log_.train_seconds else None,
+            "voxels_seen_per_rank": log_.total_voxels, "peak_gpu_mem_gb": peak_gpu_mem_gb(self.device),
+            "peak_rss_gb": peak_rss_gb(), "seconds": time.perf_counter() - self.started,
+            "world_size": env.world_size, "step_voxels": self.step_voxels, "micro_batches_per_step": self.data.accum,
+            "batch_voxels": self.data.budget, "lr": self.lr, "preempted": preempted, "device": str(self.device),
+        }
+        if env.is_main:
+            if not preempted:
+                self.reporter.hparams(self.cfg, {"best_val_miou": metrics["best_val_miou"] or 0.0,
+                                                 "final_loss": log_.last_loss})
+            write_train_metrics(Path(self.cfg.run_dir), metrics)
+        self.reporter.close()
+        if stop.signum is not None or stop.reason == ANOTHER_RANK:  # never go on with a half-trained model
+            dist_env.barrier()
+            dist_env.teardown()
+            if stop.signum is not None:  # a real signal: let its previous owner act (default: terminate)
+                stop.reraise()
+            raise TrainingInterrupted(f"training stopped by {stop.reason} at step {self.step}; {self.last_path} "
+                                      "written; rerun the same command to resume")
+        return {**metrics, "step_losses": log_.step_losses, "param_digest": param_digest(unwrap(self.model)),
+                "windows": log_.windows}
