@@ -95,6 +95,8 @@ def fill_map(points: np.ndarray, tiles: Sequence[np.ndarray]) -> np.ndarray:
 
 def _flat_dataset(h5: h5py.File, name: str, rows: int, data: np.ndarray | None = None) -> h5py.Dataset:
     shape = (rows, _COLUMNS[name]) if name in _COLUMNS else (rows,)
+    if rows == 0:  # e.g. a fill map with nothing to fill: chunks and filters need at least one row
+        return h5.create_dataset(name, shape=shape, dtype=_DTYPES[name])
     chunks = (min(_CHUNK_ROWS[name], max(1, rows)),) + shape[1:]
     return h5.create_dataset(name, shape=shape, dtype=_DTYPES[name], data=data, chunks=chunks, **_FILTERS[name])
 

@@ -128,6 +128,14 @@ def test_fill_map_points_every_untiled_point_at_its_nearest_tiled_point(tmp_path
     assert_same(TileFile(tmp_path / "mixed.h5"), frames)
 
 
-def test_nothing_to_fill_without_a_tiled_point():
+def test_nothing_to_fill_without_a_tiled_point_or_when_every_point_is_tiled(tmp_path):
     missing, source = nearest_covered(np.zeros((4, 3), np.float32), np.zeros(4, bool))
     assert len(missing) == len(source) == 0
+    points = np.zeros((5, 4), np.float32)
+    frames = [FrameTiles("000000", points, np.zeros(5, np.int8), [np.arange(5, dtype=np.int32)],
+                         fill_map(points, [np.arange(5)]))]
+    assert frames[0].fill.shape == (0, 2)
+    write_tile_file(tmp_path / "00.h5", frames, {})
+    merge_tile_files([tmp_path / "00.h5"], tmp_path / "merged.h5", {})
+    for path in (tmp_path / "00.h5", tmp_path / "merged.h5"):
+        assert TileFile(path).fill(0).shape == (0, 2)
