@@ -91,6 +91,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_rank_gloo_training_keeps_replicas_identical(tmp_path_factory, tmp_path):
     data = make_tiny_data(tmp_path_factory.getbasetemp() / "tiny-data")  # shared with test_train
     run_dir = tmp_path / "run"

@@ -46,6 +46,7 @@ def test_shards_cover_every_tile_exactly_once(block_tiles, world_size):
         assert all(len({tile_file.tile_frame[t] for _, t in shard}) == 1 for shard in per_rank)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_chunks_whatever_the_world_size(block_tiles):
     cfg = compose(*base_overrides(block_tiles), "infer.frames_per_chunk=1")
     save_random_checkpoint(cfg)
@@ -116,6 +117,7 @@ def test_checkpoint_of_another_model_is_a_one_line_error(block_tiles, tmp_path):
     assert "another model configuration" in message and "enc_channels" in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_point_budget_batches_keep_the_budget_and_change_no_prediction(block_tiles, tmp_path):
     cfg = compose(*base_overrides(block_tiles), "infer.frames_per_chunk=2")
     tile_file = TileFile(tile_file_path(cfg.tiles_dir, cfg.sampling.name, "08"))

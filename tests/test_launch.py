@@ -1,6 +1,8 @@
 """The README's main job, shortened: `python -m scalept.launch` runs every stage end to end."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import numpy as np
 from scalept.data.semantickitti import Sequence, read_labels, to_classes
 
 
+@pytest.mark.slow
 def test_default_pipeline_end_to_end(tmp_path, tiny_pipeline):
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "scalept.launch", f"hydra.run.dir={tmp_path}/hydra", *tiny_pipeline]

@@ -51,6 +51,7 @@ def uninterrupted(data_dir, tmp_path_factory):
     return run_dir, train.run(compose_tiny(data_dir, run_dir, *RESUME))
 
 
+@pytest.mark.slow
 def test_loss_decreases_and_files_are_written(data_dir, tmp_path):
     cfg = compose_tiny(data_dir, tmp_path, "train.max_steps=24", "train.val_every=0", "train.label_fraction=0.25")
     result = train.run(cfg)
@@ -65,6 +66,7 @@ def test_loss_decreases_and_files_are_written(data_dir, tmp_path):
     assert load_checkpoint(checkpoint_path(tmp_path, "best"))["finished"]
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_loss_curve(data_dir, tmp_path, uninterrupted, monkeypatch):
     _, reference = uninterrupted
     expected = dict(reference["step_losses"])

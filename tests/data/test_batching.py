@@ -119,6 +119,7 @@ def test_bad_budgets_name_their_key(compose_cfg, override, key):
         micro_batch_budget(compose_cfg("train=outdoor", override).train, 1)
 
 
+@pytest.mark.slow
 def test_small_gpu_preset_composes_and_trains_on_cpu(data_dir, tmp_path, compose_cfg):
     from scalept import train
 

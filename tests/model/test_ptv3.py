@@ -120,7 +120,8 @@ def test_bad_offsets_are_rejected(make_model, cloud):
 
 
 @pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
+                                                  pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")])]
 )
 def test_bf16_autocast(make_model, cloud, batch_of, device):
     """Training step and inference under bf16 autocast (sparse convs kept in fp16/fp32 at inference)."""

@@ -117,3 +117,11 @@ def cluster() -> Cluster:
             shutil.rmtree(state, ignore_errors=True)
         else:
             print(f"slurm/local-cluster.sh down failed (state kept in {state}):\n{down.stderr}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test of tests/slurm runs a local Slurm cluster: marked ``slurm`` (``-m "not slurm"`` skips them)."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slurm)
