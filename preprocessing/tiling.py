@@ -2,8 +2,9 @@
 
 A tile is an ascending int32 array of point indices into the frame. Tiles may
 overlap; every point handed to :func:`make_tiles` is in at least one tile (the
-range crop happens before, in :mod:`preprocessing.preprocess`). DESIGN.md defines
-each strategy; the parameters come from ``conf/sampling/<name>.yaml``.
+range crop happens before, in :mod:`preprocessing.preprocess`). docs/architecture.md
+("Tiling strategies") defines each strategy; the parameters come from
+``conf/sampling/<name>.yaml``.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Composes ``conf/`` and runs the steps of the chosen stage in order. This module
 only dispatches: each step's work lives in its stage module, which reads and
-writes the files that DESIGN.md lists.
+writes the files that docs/architecture.md lists.
 """
 from __future__ import annotations
 

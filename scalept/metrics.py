@@ -1,4 +1,4 @@
-"""Segmentation scores: one confusion matrix summed over a split, IoU per class, mIoU (DESIGN.md)."""
+"""Segmentation scores: one confusion matrix summed over a split, IoU per class, mIoU (docs/architecture.md)."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,7 +33,7 @@ def iou_per_class(confusion) -> np.ndarray:
 
 
 def mean_iou(confusion) -> float:
-    """Mean IoU over the classes, as DESIGN.md defines it. Classes that occur in neither prediction
+    """Mean IoU over the classes, as docs/architecture.md says. Classes that occur in neither prediction
     nor ground truth of the evaluated points (NaN) are left out of the mean."""
     iou = iou_per_class(confusion)
     return float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0

@@ -38,7 +38,7 @@ def voxelize(xyz: np.ndarray, grid_size: float, rng: np.random.Generator | None 
 
 
 def augment(xyz: np.ndarray, cfg: Mapping, rng: np.random.Generator) -> np.ndarray:
-    """DESIGN.md's train augmentations: z-rotation, scaling, x/y flips, clipped jitter."""
+    """The recipe's train augmentations (docs/architecture.md): z-rotation, scaling, x/y flips, clipped jitter."""
     xyz = xyz.astype(np.float32, copy=True)
     if cfg.get("rotate_z", True):
         angle = rng.uniform(-np.pi, np.pi)

@@ -1,6 +1,6 @@
 """ScalePT's tile files: one HDF5 file per (sampling strategy, sequence).
 
-Layout (flat arrays plus offsets, chunked, labels and indices compressed; DESIGN.md):
+Layout (flat arrays plus offsets, chunked, labels and indices compressed; docs/architecture.md):
 
     /frame_ids            (F,)    str   scan stem, e.g. "000042"
     /frame_offsets        (F+1,)  int64 frame f's points are points[frame_offsets[f]:frame_offsets[f+1]]

@@ -1,4 +1,4 @@
-"""Point Transformer V3 (U-Net of serialized patch-attention blocks), written from DESIGN.md."""
+"""Point Transformer V3 (U-Net of serialized patch-attention blocks), written from its description (docs/architecture.md, "The model")."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
