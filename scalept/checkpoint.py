@@ -1,15 +1,16 @@
 """Checkpoints: ``<run_dir>/checkpoints/{last,best}.pt``, written atomically, loaded safely.
 
 A checkpoint is a plain dict that ``torch.load(..., weights_only=True)`` accepts
-(tensors, numbers, strings, lists and dicts only): the model's state and the
-model config it was built from, plus whatever the trainer needs to resume
-(optimizer, scheduler, epoch, step, sampler position, RNG states).
+(tensors, numbers, strings, lists and dicts only): :func:`model_record` (the weights,
+the model config they were built from, the class names and the grid size), plus
+whatever the trainer needs to resume (optimizer, scheduler, epoch, step, position in
+the epoch, RNG states) and the run's resolved config.
 """
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -28,21 +29,40 @@ def checkpoint_path(run_dir: str | os.PathLike, which: str = "last") -> Path:
     return Path(run_dir) / "checkpoints" / f"{which}.pt"
 
 
-def model_signature(model_cfg: Mapping, num_classes: int, grid_size: float) -> str:
-    """What must match for weights to be reusable: the model config, the classes and the grid.
+# Model config keys that change how a run trains (memory, labels), not what its weights mean.
+NOT_IN_SIGNATURE = ("name", "checkpoint_levels")
 
-    ``model_cfg`` may be a plain mapping or an OmegaConf node (``cfg.model``); both give the same string.
-    """
+
+def _plain(model_cfg: Mapping) -> dict:
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(model_cfg, DictConfig):
         model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
-    return json.dumps({"model": dict(model_cfg), "num_classes": num_classes, "grid_size": grid_size}, sort_keys=True)
+    return dict(model_cfg)
+
+
+def model_signature(model_cfg: Mapping, num_classes: int, grid_size: float) -> str:
+    """What must match for weights to be reusable: the model config (less :data:`NOT_IN_SIGNATURE`),
+    the classes and the grid.
+
+    ``model_cfg`` may be a plain mapping or an OmegaConf node (``cfg.model``); both give the same string.
+    """
+    model = {k: v for k, v in _plain(model_cfg).items() if k not in NOT_IN_SIGNATURE}
+    return json.dumps({"model": model, "num_classes": num_classes, "grid_size": grid_size}, sort_keys=True)
+
+
+def model_record(model: torch.nn.Module, model_cfg: Mapping, class_names: Sequence[str], grid_size: float) -> dict:
+    """The part of every checkpoint that makes it self-describing: the weights, the model config they
+    were built from, the classes and the grid, and the signature of the three."""
+    model_cfg = _plain(model_cfg)
+    return {"model": model.state_dict(), "model_cfg": model_cfg, "num_classes": len(class_names),
+            "class_names": list(class_names), "grid_size": float(grid_size),
+            "signature": model_signature(model_cfg, len(class_names), float(grid_size))}
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping) -> None:
-    """Write ``state`` (must contain ``model`` and ``signature``) atomically."""
-    missing = {"model", "signature"} - set(state)
+    """Write ``state`` (a :func:`model_record` plus anything else) atomically."""
+    missing = {"model", "model_cfg", "num_classes", "grid_size", "signature"} - set(state)
     if missing:
         raise ValueError(f"checkpoint state lacks {sorted(missing)}")
     with atomic_path(path) as tmp:

@@ -147,7 +147,8 @@ class Trainer:
         seed = int(cfg.seed)
         seed_everything(seed)
         self.data = build_train_data(cfg, env.rank, env.world_size, device, seed)
-        model = build_model(_model_config(cfg), NUM_CLASSES).to(device)
+        model_cfg = _model_config(cfg)
+        model = build_model(model_cfg, NUM_CLASSES).to(device)
         self.step_voxels = round(self.data.step_voxels)  # mean voxels of an optimizer step, every rank together
         self.lr, self.optimizer, self.scheduler = build_optimizer(model, cfg.optim, self.step_voxels,
                                                                   self.data.total_steps, device)
@@ -163,8 +164,8 @@ class Trainer:
         self.lovasz_weight = float(cfg.train.get("lovasz_weight", 1.0))
         self.stop = StopFlag().install()
         self.reporter = Reporter(run_dir, env.is_main, self.total_steps, self.step, int(cfg.train.log_every))
-        self.checkpointer = Checkpointer(cfg, model, self.optimizer, self.scheduler, env.is_main, env.world_size,
-                                         self.step_voxels)
+        self.checkpointer = Checkpointer(cfg, model, model_cfg, self.optimizer, self.scheduler, env.is_main,
+                                         env.world_size, self.step_voxels)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.steps_log = StepLog(self.reporter, device, env.world_size)

@@ -8,8 +8,8 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
-from scalept.checkpoint import checkpoint_path, model_signature, save_checkpoint
-from scalept.data.semantickitti import NUM_CLASSES
+from scalept.checkpoint import checkpoint_path, model_record, save_checkpoint
+from scalept.data.semantickitti import CLASS_NAMES, NUM_CLASSES
 from scalept.launch import CONF_DIR
 
 FRAMES = 3          # frames of the val sequence 08
@@ -54,7 +54,5 @@ def save_random_checkpoint(cfg, which: str = "best", seed: int = 0, model_overri
     model = build_model(model_cfg, NUM_CLASSES)
     grid = float(cfg.train.grid_size)
     path = checkpoint_path(cfg.run_dir, which)
-    save_checkpoint(path, {"model": model.state_dict(), "model_cfg": model_cfg, "num_classes": NUM_CLASSES,
-                           "grid_size": grid, "signature": model_signature(model_cfg, NUM_CLASSES, grid),
-                           "epoch": 0, "step": 0})
+    save_checkpoint(path, {**model_record(model, model_cfg, CLASS_NAMES, grid), "epoch": 0, "step": 0})
     return path

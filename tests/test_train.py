@@ -130,6 +130,20 @@ def test_checkpoint_of_another_model_is_refused_in_one_line(data_dir, uninterrup
         train.run(compose_tiny(data_dir, run_dir / "elsewhere", *RESUME, "train.resume=true"))
 
 
+def test_checkpoints_describe_themselves_and_memory_settings_do_not_refuse_them(data_dir, uninterrupted):
+    from scalept.data.semantickitti import CLASS_NAMES
+    from scalept.model import build_model
+
+    run_dir, _ = uninterrupted
+    state = load_checkpoint(checkpoint_path(run_dir, "best"))
+    assert state["class_names"] == list(CLASS_NAMES) and state["num_classes"] == len(CLASS_NAMES)
+    assert state["grid_size"] == 0.2 and state["model_cfg"]["enc_channels"] == [16, 16, 32, 32, 64]
+    build_model(state["model_cfg"], state["num_classes"]).load_state_dict(state["model"])  # nothing else needed
+    # recomputation is a memory setting: the finished run is found (and skipped), not refused
+    again = train.run(compose_tiny(data_dir, run_dir, *RESUME, "model.checkpoint_levels=2"))
+    assert again["skipped"]
+
+
 def test_tensorboard_has_the_scalars_images_and_hparams(uninterrupted):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -46,17 +46,15 @@ def _compose(overrides: list[str]):
 
 
 def _save_checkpoint(cfg) -> None:
-    from scalept.checkpoint import checkpoint_path, model_signature, save_checkpoint
-    from scalept.data.semantickitti import NUM_CLASSES
+    from scalept.checkpoint import checkpoint_path, model_record, save_checkpoint
+    from scalept.data.semantickitti import CLASS_NAMES
     from scalept.model import build_model
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     torch.manual_seed(0)
-    model = build_model(model_cfg, NUM_CLASSES)
-    grid = float(cfg.train.grid_size)
+    model = build_model(model_cfg, len(CLASS_NAMES))
     save_checkpoint(checkpoint_path(cfg.run_dir, str(cfg.infer.checkpoint)),
-                    {"model": model.state_dict(), "model_cfg": model_cfg, "num_classes": NUM_CLASSES,
-                     "grid_size": grid, "signature": model_signature(model_cfg, NUM_CLASSES, grid)})
+                    model_record(model, model_cfg, CLASS_NAMES, float(cfg.train.grid_size)))
 
 
 def _warm_up(cfg) -> None:

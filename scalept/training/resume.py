@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from scalept.checkpoint import load_checkpoint, model_signature, save_checkpoint
-from scalept.data.semantickitti import NUM_CLASSES
+from scalept.checkpoint import load_checkpoint, model_record, model_signature, save_checkpoint
+from scalept.data.semantickitti import CLASS_NAMES, NUM_CLASSES
 from scalept.errors import ConfigError
 
 log = logging.getLogger("scalept.train")  # the stage's logger, whichever module of it speaks
@@ -174,9 +174,9 @@ def restore(state: Mapping | None, model: torch.nn.Module, optimizer, scheduler,
 class Checkpointer:
     """Rank 0 writes ``last.pt`` / ``best.pt`` with everything :func:`restore` reads; other ranks write nothing."""
 
-    def __init__(self, cfg: DictConfig, model: torch.nn.Module, optimizer, scheduler, main: bool, world_size: int,
-                 step_voxels: int):
-        self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
+    def __init__(self, cfg: DictConfig, model: torch.nn.Module, model_cfg: dict, optimizer, scheduler, main: bool,
+                 world_size: int, step_voxels: int):
+        self.cfg, self.model, self.model_cfg, self.optimizer, self.scheduler = cfg, model, model_cfg, optimizer, scheduler
         self.main, self.world_size, self.step_voxels = main, world_size, step_voxels
 
     def save(self, path: Path, epoch: int, batch_in_epoch: int, step: int, best_miou: float,
@@ -184,7 +184,7 @@ class Checkpointer:
         if not self.main:
             return
         save_checkpoint(path, {
-            "model": unwrap(self.model).state_dict(), "signature": checkpoint_signature(self.cfg),
+            **model_record(unwrap(self.model), self.model_cfg, CLASS_NAMES, float(self.cfg.train.grid_size)),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step, "best_miou": best_miou,
             "finished": finished, "world_size": self.world_size, "step_voxels": self.step_voxels,
