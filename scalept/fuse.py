@@ -33,7 +33,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -241,87 +241,122 @@ def save_confusion_png(path: Path, confusion: np.ndarray, title: str) -> None:
 # --------------------------------------------------------------------------- the stage
 
 
+@dataclass
+class _Settings:
+    """``cfg.fusion`` checked once, before any shard is read."""
+
+    method: str
+    kind: str
+    weighting: str
+    temperature: float
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> _Settings:
+        method = str(cfg.fusion.name)
+        kind = shard_kind(method)
+        weighting = str(cfg.fusion.get("weighting", "entropy"))
+        temperature = float(cfg.fusion.get("temperature", 0.1))
+        if method == "mc_uncertainty":
+            if weighting not in WEIGHTINGS:
+                raise ConfigError(f"fusion.weighting={weighting!r} is unknown; choose one of {', '.join(WEIGHTINGS)}")
+            if weighting == "entropy" and temperature <= 0:
+                raise ConfigError(f"fusion.temperature={temperature} must be > 0")
+        return cls(method, kind, weighting, temperature)
+
+
+@dataclass
+class _Tally:
+    """What the frames add up to: the confusion matrix, point counts and seconds per phase."""
+
+    confusion: np.ndarray = field(default_factory=lambda: np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64))
+    counts: dict = field(default_factory=lambda: dict.fromkeys(
+        ["frames", "frames_scored", "points", "tile_points", "fused", "filled", "scored"], 0))
+    timings: dict = field(default_factory=lambda: dict.fromkeys(["check", "read", "fuse", "fill", "write", "score"],
+                                                                0.0))
+
+
+def _fuse_frame_files(h5: h5py.File, rows: slice, tf: TileFile, f: int, settings: _Settings, target: Path,
+                      scored: bool, tally: _Tally) -> None:
+    """Read one frame's tile predictions, fuse, fill, write its label (and entropy) file, score it."""
+    t0 = time.perf_counter()
+    point_index = h5["point_index"][rows]
+    values = h5[values_name(settings.kind)][rows]
+    entropy = h5["entropy"][rows] if settings.kind == "mc" else None
+    p_lo, p_hi = tf.frame_offsets[f], tf.frame_offsets[f + 1]
+    fill = tf.fill(f) if tf.has_fill_map else None
+    xyz = tf.h5["points"][p_lo:p_hi, :3] if fill is None else None
+    t1 = time.perf_counter()
+    fused = fuse_frame(p_hi - p_lo, point_index, values, settings.method, entropy, settings.weighting,
+                       settings.temperature)
+    t2 = time.perf_counter()
+    if fill is None:
+        filled = fill_nearest(xyz, fused.covered, fused.pred, fused.entropy)
+    else:
+        filled = fill_from_map(fill, fused.covered, f"{tf.path} frame {tf.frame_ids[f]}", fused.pred, fused.entropy)
+    t3 = time.perf_counter()
+    frame_id = tf.frame_ids[f]
+    write_labels(target / "predictions" / f"{frame_id}.label", to_raw(fused.pred))
+    if fused.entropy is not None:
+        _save_npy(target / "entropy" / f"{frame_id}.npy", fused.entropy.astype(np.float16))
+    t4 = time.perf_counter()
+    counts = tally.counts
+    if scored:
+        labels = tf.h5["labels"][p_lo:p_hi].astype(np.int64)
+        valid = fused.pred >= 0  # only a frame without any tile has no prediction
+        tally.confusion += confusion_matrix(fused.pred[valid], labels[valid], NUM_CLASSES)
+        counts["scored"] += int(((labels != IGNORE_INDEX) & valid).sum())
+        counts["frames_scored"] += 1
+    t5 = time.perf_counter()
+    for key, dt in zip(("read", "fuse", "fill", "write", "score"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+        tally.timings[key] += dt
+    counts["frames"] += 1
+    counts["points"] += int(p_hi - p_lo)
+    counts["tile_points"] += len(point_index)
+    counts["fused"] += int(fused.covered.sum())
+    counts["filled"] += filled
+
+
 def run(cfg: DictConfig) -> dict:
     """Fuse, write predictions and scores; returns the metrics written to metrics.json."""
     started = time.perf_counter()
-    method = str(cfg.fusion.name)
-    kind = shard_kind(method)
-    weighting = str(cfg.fusion.get("weighting", "entropy"))
-    temperature = float(cfg.fusion.get("temperature", 0.1))
-    if method == "mc_uncertainty":
-        if weighting not in WEIGHTINGS:
-            raise ConfigError(f"fusion.weighting={weighting!r} is unknown; choose one of {', '.join(WEIGHTINGS)}")
-        if weighting == "entropy" and temperature <= 0:
-            raise ConfigError(f"fusion.temperature={temperature} must be > 0")
+    settings = _Settings.of(cfg)
     manifest, tile_files, found = check_shards(cfg)
     out_dir = fusion_output_dir(cfg)
     # the first call of torch's scatter kernels in a process is slow: pay it before the timed loop
-    fuse_frame(2, np.array([0, 1, 1]), np.zeros((3, NUM_CLASSES), np.float16), method,
-               np.zeros(3, np.float32) if kind == "mc" else None, weighting, temperature)
-    timings = dict.fromkeys(["check", "read", "fuse", "fill", "write", "score"], 0.0)
-    timings["check"] = time.perf_counter() - started
-    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-    counts = dict.fromkeys(["frames", "frames_scored", "points", "tile_points", "fused", "filled", "scored"], 0)
-    scored_sequences = []
+    fuse_frame(2, np.array([0, 1, 1]), np.zeros((3, NUM_CLASSES), np.float16), settings.method,
+               np.zeros(3, np.float32) if settings.kind == "mc" else None, settings.weighting, settings.temperature)
+    tally = _Tally()
+    tally.timings["check"] = time.perf_counter() - started
+    scored_sequences = [s for s in found if bool(tile_files[s].attrs.get("has_labels", False))]
     for sequence, chunk_files in found.items():
         tf = tile_files[sequence]
-        has_labels = bool(tf.attrs.get("has_labels", False))
-        if has_labels:
-            scored_sequences.append(sequence)
-        target = out_dir / "sequences" / sequence
         for chunk, path in chunk_files:
             with h5py.File(path, "r") as h5:
                 frame_tiles = h5["frame_tile_offsets"][:]
                 tile_offsets = h5["tile_offsets"][:]
                 for i, f in enumerate(range(chunk.start, chunk.stop)):
-                    t0 = time.perf_counter()
-                    lo, hi = tile_offsets[frame_tiles[i]], tile_offsets[frame_tiles[i + 1]]
-                    point_index = h5["point_index"][lo:hi]
-                    values = h5[values_name(kind)][lo:hi]
-                    entropy = h5["entropy"][lo:hi] if kind == "mc" else None
-                    p_lo, p_hi = tf.frame_offsets[f], tf.frame_offsets[f + 1]
-                    fill = tf.fill(f) if tf.has_fill_map else None
-                    xyz = tf.h5["points"][p_lo:p_hi, :3] if fill is None else None
-                    t1 = time.perf_counter()
-                    fused = fuse_frame(p_hi - p_lo, point_index, values, method, entropy, weighting, temperature)
-                    t2 = time.perf_counter()
-                    if fill is None:
-                        filled = fill_nearest(xyz, fused.covered, fused.pred, fused.entropy)
-                    else:
-                        filled = fill_from_map(fill, fused.covered, f"{tf.path} frame {tf.frame_ids[f]}",
-                                               fused.pred, fused.entropy)
-                    t3 = time.perf_counter()
-                    frame_id = tf.frame_ids[f]
-                    write_labels(target / "predictions" / f"{frame_id}.label", to_raw(fused.pred))
-                    if fused.entropy is not None:
-                        _save_npy(target / "entropy" / f"{frame_id}.npy", fused.entropy.astype(np.float16))
-                    t4 = time.perf_counter()
-                    if has_labels:
-                        labels = tf.h5["labels"][p_lo:p_hi].astype(np.int64)
-                        valid = fused.pred >= 0  # only a frame without any tile has no prediction
-                        confusion += confusion_matrix(fused.pred[valid], labels[valid], NUM_CLASSES)
-                        counts["scored"] += int(((labels != IGNORE_INDEX) & valid).sum())
-                        counts["frames_scored"] += 1
-                    t5 = time.perf_counter()
-                    for key, dt in zip(("read", "fuse", "fill", "write", "score"), (t1 - t0, t2 - t1, t3 - t2,
-                                                                                   t4 - t3, t5 - t4)):
-                        timings[key] += dt
-                    counts["frames"] += 1
-                    counts["points"] += int(p_hi - p_lo)
-                    counts["tile_points"] += int(hi - lo)
-                    counts["fused"] += int(fused.covered.sum())
-                    counts["filled"] += filled
-    timings["total"] = time.perf_counter() - started
+                    rows = slice(tile_offsets[frame_tiles[i]], tile_offsets[frame_tiles[i + 1]])
+                    _fuse_frame_files(h5, rows, tf, f, settings, out_dir / "sequences" / sequence,
+                                      sequence in scored_sequences, tally)
+    tally.timings["total"] = time.perf_counter() - started
+    metrics = _metrics(cfg, settings, manifest, found, scored_sequences, tally, out_dir)
+    _write_scores(cfg, settings, metrics, tally, out_dir)
+    return metrics
+
+
+def _metrics(cfg: DictConfig, settings: _Settings, manifest: dict, found: dict, scored_sequences: list[str],
+             tally: _Tally, out_dir: Path) -> dict:
+    confusion, counts, timings = tally.confusion, tally.counts, tally.timings
+    method, weighting = settings.method, settings.weighting
     iou = iou_per_class(confusion)
     scored = bool(scored_sequences) and confusion.sum() > 0
-    miou, acc = (mean_iou(confusion), accuracy(confusion)) if scored else (None, None)
-    metrics = {
+    return {
         "fusion": method, "weighting": weighting if method == "mc_uncertainty" else None,
-        "temperature": temperature if method == "mc_uncertainty" and weighting == "entropy" else None,
+        "temperature": settings.temperature if method == "mc_uncertainty" and weighting == "entropy" else None,
         "mc_passes": manifest["mc_passes"], "sampling": str(cfg.sampling.name), "dataset": str(cfg.dataset.name),
         "run_dir": str(cfg.run_dir), "checkpoint_sha1": manifest["checkpoint"],
         "sequences": list(found), "scored_sequences": scored_sequences,
-        "miou": miou, "accuracy": acc,
+        "miou": mean_iou(confusion) if scored else None, "accuracy": accuracy(confusion) if scored else None,
         "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(CLASS_NAMES, iou)} if scored else None,
         "confusion": confusion.tolist(),
         **{f"num_{k}": v for k, v in counts.items()},
@@ -330,20 +365,26 @@ def run(cfg: DictConfig) -> dict:
         "fusion_mpoints_per_s": counts["tile_points"] / timings["fuse"] / 1e6 if timings["fuse"] else None,
         "predictions": str(out_dir / "sequences"),
     }
+
+
+def _write_scores(cfg: DictConfig, settings: _Settings, metrics: dict, tally: _Tally, out_dir: Path) -> None:
+    """metrics.json always; iou.md and confusion.png when something was scored; the log lines."""
     with atomic_path(out_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    if scored:
-        table = iou_table(iou, miou, acc)
-        header = (f"# {method} fusion, sampling={cfg.sampling.name}\n\nSequences {', '.join(scored_sequences)}: "
-                  f"{counts['frames_scored']} frames, {counts['scored']} scored points.\n\n")
+    method, counts, miou = settings.method, tally.counts, metrics["miou"]
+    if miou is not None:
+        table = iou_table(iou_per_class(tally.confusion), miou, metrics["accuracy"])
+        header = (f"# {method} fusion, sampling={cfg.sampling.name}\n\nSequences "
+                  f"{', '.join(metrics['scored_sequences'])}: {counts['frames_scored']} frames, "
+                  f"{counts['scored']} scored points.\n\n")
         with atomic_path(out_dir / "iou.md") as tmp:
             tmp.write_text(header + table)
-        save_confusion_png(out_dir / "confusion.png", confusion,
+        save_confusion_png(out_dir / "confusion.png", tally.confusion,
                            f"{method} / {cfg.sampling.name}: mIoU {100 * miou:.1f}%")
         log.info("fuse: per-class IoU (%s fusion, sampling=%s)\n%s", method, cfg.sampling.name, table.rstrip())
     else:
-        log.info("fuse: no labelled sequence among %s: predictions written, nothing scored", ", ".join(found))
+        log.info("fuse: no labelled sequence among %s: predictions written, nothing scored",
+                 ", ".join(metrics["sequences"]))
     log.info("fuse: %d frames (%d points: %d fused, %d filled by nearest neighbour) in %.1f s; fusion %.1f M "
              "tile points/s; predictions in %s", counts["frames"], counts["points"], counts["fused"],
-             counts["filled"], timings["total"], metrics["fusion_mpoints_per_s"] or 0.0, out_dir / "sequences")
-    return metrics
+             counts["filled"], tally.timings["total"], metrics["fusion_mpoints_per_s"] or 0.0, out_dir / "sequences")
