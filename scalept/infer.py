@@ -168,18 +168,76 @@ def _loader(paths: list[Path], pairs: list[tuple[int, int]], batch_sampler, grid
                            pin_memory=pin))
 
 
-def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None) -> dict:
-    """Predict this rank's chunks; returns a summary (chunks done and skipped, tiles, frames, seconds)."""
-    started = time.perf_counter()
+def _check(cfg: DictConfig) -> tuple[str, int, int]:
+    """(shard kind, MC passes, points per batch), each checked before the model is loaded."""
     kind = shard_kind(str(cfg.fusion.name))
     passes = int(cfg.fusion.get("mc_passes", 1))
     if passes < 1:
         raise ConfigError(f"fusion.mc_passes={passes} must be >= 1")
-    rank = get_rank() if rank is None else rank
-    world_size = get_world_size() if world_size is None else world_size
     budget = cfg.infer.batch_points
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise ConfigError(f"infer.batch_points={budget!r} must be a positive number of points, e.g. 400000")
+    return kind, passes, budget
+
+
+def _write_manifest(cfg: DictConfig, out_dir: Path, expect: dict, tile_files: Mapping[str, TileFile],
+                    chunks: Sequence[Chunk], world_size: int) -> None:
+    _write_json(out_dir / "manifest.json", {
+        **expect, "world_size": world_size, "frames_per_chunk": int(cfg.infer.frames_per_chunk),
+        "sequences": {s: f.num_frames for s, f in tile_files.items()},
+        "tiles_dir": str(cfg.tiles_dir), "run_dir": str(cfg.run_dir),
+        "chunks": [{"sequence": c.sequence, "start": c.start, "stop": c.stop, "rank": chunk_owner(i, world_size),
+                    "file": c.file_name(chunk_owner(i, world_size))} for i, c in enumerate(chunks)],
+    })
+
+
+def _split_done(out_dir: Path, mine: Sequence[Chunk], tile_files: Mapping[str, TileFile],
+                expect: dict) -> tuple[list[Chunk], list[Path]]:
+    """(chunks to predict, shard files already usable) of this rank."""
+    todo, done = [], []
+    for chunk in mine:
+        found, why = usable_chunk_file(out_dir, chunk, tile_files[chunk.sequence], expect)
+        if found is not None:
+            done.append(found)
+        else:
+            if why != "not found":
+                log.info("infer: redoing %s (%s)", chunk, why)
+            todo.append(chunk)
+    return todo, done
+
+
+def _predict_chunk(writer: ChunkWriter, batches: int, loader: Iterator[dict], model, device: torch.device,
+                   kind: str, passes: int, amp: bool, phase_s: dict) -> tuple[int, int]:
+    """The chunk's batches through the model into its shard file; (tiles, tile points) written."""
+    tiles = points = 0
+    try:
+        for _ in range(batches):
+            t0 = time.perf_counter()
+            batch = next(loader)
+            t1 = time.perf_counter()
+            values, entropy = predict_batch(model, batch, device, kind, passes, amp)
+            t2 = time.perf_counter()
+            counts = np.diff(np.r_[0, batch["point_offsets"].numpy()])
+            writer.append(batch["tile"].tolist(), counts, batch["point_index"].numpy().astype(np.int32), values,
+                          entropy)
+            phase_s["read"] += t1 - t0
+            phase_s["predict"] += t2 - t1
+            phase_s["write"] += time.perf_counter() - t2
+            tiles += len(counts)
+            points += len(values)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return tiles, points
+
+
+def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None) -> dict:
+    """Predict this rank's chunks; returns a summary (chunks done and skipped, tiles, frames, seconds)."""
+    started = time.perf_counter()
+    kind, passes, budget = _check(cfg)
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
     out_dir = infer_dir(cfg)
     sequences = infer_sequences(cfg)
     device = _device(cfg)
@@ -190,24 +248,9 @@ def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None)
     expect = {"kind": kind, "fusion": str(cfg.fusion.name), "mc_passes": passes, "num_classes": NUM_CLASSES,
               "checkpoint": digest, "sampling": str(cfg.sampling.name)}
     if rank == 0:
-        _write_json(out_dir / "manifest.json", {
-            **expect, "world_size": world_size, "frames_per_chunk": int(cfg.infer.frames_per_chunk),
-            "sequences": {s: tile_files[s].num_frames for s in sequences},
-            "tiles_dir": str(cfg.tiles_dir), "run_dir": str(cfg.run_dir),
-            "chunks": [{"sequence": c.sequence, "start": c.start, "stop": c.stop, "rank": chunk_owner(i, world_size),
-                        "file": c.file_name(chunk_owner(i, world_size))} for i, c in enumerate(chunks)],
-        })
-
+        _write_manifest(cfg, out_dir, expect, tile_files, chunks, world_size)
     mine = shard_chunks(chunks, rank, world_size)
-    todo, done = [], []
-    for chunk in mine:
-        found, why = usable_chunk_file(out_dir, chunk, tile_files[chunk.sequence], expect)
-        if found is not None:
-            done.append(found)
-        else:
-            if why != "not found":
-                log.info("infer: redoing %s (%s)", chunk, why)
-            todo.append(chunk)
+    todo, done = _split_done(out_dir, mine, tile_files, expect)
     log.info("infer: rank %d/%d, fusion=%s, %d of its %d chunks to predict (%d finished before) on %s",
              rank, world_size, cfg.fusion.name, len(todo), len(mine), len(done), device)
 
@@ -224,26 +267,9 @@ def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None)
         writer = ChunkWriter(out_dir / chunk.file_name(rank), chunk, tile_files[chunk.sequence], kind,
                              NUM_CLASSES, {**expect, "sequence": chunk.sequence, "frame_start": chunk.start,
                                            "frame_stop": chunk.stop, "rank": rank, "world_size": world_size})
-        try:
-            for _ in range(n_batches):
-                t0 = time.perf_counter()
-                batch = next(loader)
-                t1 = time.perf_counter()
-                values, entropy = predict_batch(model, batch, device, kind, passes, amp)
-                t2 = time.perf_counter()
-                counts = np.diff(np.r_[0, batch["point_offsets"].numpy()])
-                writer.append(batch["tile"].tolist(), counts, batch["point_index"].numpy().astype(np.int32),
-                              values, entropy)
-                phase_s["read"] += t1 - t0
-                phase_s["predict"] += t2 - t1
-                phase_s["write"] += time.perf_counter() - t2
-                tiles += len(counts)
-                points += len(values)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        frames += chunk.stop - chunk.start
+        chunk_tiles_done, chunk_points = _predict_chunk(writer, n_batches, loader, model, device, kind, passes, amp,
+                                                        phase_s)
+        tiles, points, frames = tiles + chunk_tiles_done, points + chunk_points, frames + chunk.stop - chunk.start
         done.append(out_dir / chunk.file_name(rank))
     elapsed = time.perf_counter() - started
     summary = {"rank": rank, "world_size": world_size, "chunks": len(mine), "chunks_predicted": len(todo),
