@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from scalept import slurm_jobs
+from scalept.config_check import check_config
 from scalept.errors import ConfigError, ScalePTError, TrainingInterrupted
 
 log = logging.getLogger("scalept")
@@ -113,6 +114,7 @@ def run(cfg: DictConfig) -> None:
     In a Slurm job that predicts, fusion (which needs every rank's shards) becomes a job of its
     own that rank 0 submits with afterok on this one, whatever the number of tasks.
     """
+    check_config(cfg)  # every value, before any work (again in every job)
     steps = list(cfg.stage.steps)
     for step in steps:
         if step not in STEPS:
@@ -148,7 +150,7 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except ScalePTError as err:  # the user's input: one line, no traceback
         log.error("%s", err)
-        sys.exit(1)
+        sys.exit(2 if isinstance(err, ConfigError) else 1)  # 2: fix the config, 1: fix the data or files
 
 
 if __name__ == "__main__":

@@ -202,15 +202,26 @@ class PrepareSweep(Callback):
         try:
             points = sweep_points(list(config.hydra.overrides.task))
             check_nodes(config, points)
+            self._check_points(config_name, points)
             if self.tile_missing:
                 self._submit(config, config_name, points)
         except ScalePTError as err:
             log.error("%s", err)
-            sys.exit(1)
+            sys.exit(2 if isinstance(err, ConfigError) else 1)
         except Exception as err:  # e.g. sbatch refused the job: one line, nothing else submitted
             log.error("scalept-launch: could not submit the preprocessing jobs: %s: %s", type(err).__name__,
                       str(err).strip().splitlines()[-1] if str(err).strip() else "")
             sys.exit(1)
+
+    @staticmethod
+    def _check_points(config_name: str | None, points: list[list[str]]) -> None:
+        """Every sweep point's config checked here, on the login node, before anything is submitted."""
+        from hydra import compose
+
+        from scalept.config_check import check_config
+
+        for overrides in points:
+            check_config(compose(config_name=config_name, overrides=overrides))
 
     def _submit(self, config: DictConfig, config_name: str | None, points: list[list[str]]) -> None:
         from hydra import compose

@@ -136,6 +136,6 @@ def test_bad_node_counts_stop_the_launch_with_one_line(recording, overrides, mes
         cfg = multirun_config(*overrides)
         with pytest.raises(SystemExit) as stop:
             PrepareSweep().on_multirun_start(config=cfg, config_name="config")
-    assert stop.value.code == 1 and recording == []
+    assert stop.value.code == 2 and recording == []  # 2: a configuration error
     (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert re.search(message, error) and "\n" not in error

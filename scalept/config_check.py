@@ -1,0 +1,117 @@
+"""One check of the composed config before any work starts (``check_config``).
+
+Every value that a stage reads is checked here, at launch: in the launching process
+(on a Slurm login node, for every sweep point, before anything is submitted) and
+again in every job. A bad value stops the run with one line naming the key, the
+value and what would be right, instead of failing hours later in the fusion job or,
+worse, running "successfully" on nonsense (``train.grid_size=0``). The YAML files
+keep the defaults and their comments; this module holds no second copy of them.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from scalept.errors import ConfigError
+
+# predicates: (test, what a right value looks like)
+Rule = tuple[Callable[[object], bool], str]
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+POSITIVE: Rule = (lambda v: _number(v) and v > 0, "a number > 0")
+NON_NEGATIVE: Rule = (lambda v: _number(v) and v >= 0, "a number >= 0")
+COUNT: Rule = (lambda v: _integer(v) and v >= 1, "an integer >= 1")
+NON_NEGATIVE_INT: Rule = (lambda v: _integer(v) and v >= 0, "an integer >= 0")
+INTEGER: Rule = (_integer, "an integer")
+FLAG: Rule = (lambda v: isinstance(v, bool), "true or false")
+SHARE: Rule = (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]")
+PROBABILITY: Rule = (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
+
+
+def optional(rule: Rule) -> Rule:
+    return (lambda v: v is None or rule[0](v), f"null or {rule[1]}")
+
+
+def one_of(*choices: str) -> Rule:
+    return (lambda v: v in choices, "one of " + ", ".join(choices))
+
+
+SEQUENCE_NAME = re.compile(r"^\d{2,}$")
+SEQUENCES: Rule = (lambda v: isinstance(v, list) and all(isinstance(s, str) and SEQUENCE_NAME.match(s) for s in v),
+                   'a list of zero-padded sequence names in quotes, e.g. ["08"]')
+SCALE_RANGE: Rule = (lambda v: isinstance(v, list) and len(v) == 2 and all(_number(x) and x > 0 for x in v)
+                     and v[0] <= v[1], "[low, high] with 0 < low <= high")
+DEVICE: Rule = (lambda v: isinstance(v, str) and re.match(r"^(auto|cpu|cuda(:\d+)?)$", v) is not None,
+                "auto, cpu, cuda or cuda:<index>")
+
+RULES: dict[str, Rule] = {
+    "seed": INTEGER, "nodes": COUNT,
+    "preprocess.frames_per_task": COUNT, "preprocess.task_id": optional(NON_NEGATIVE_INT), "preprocess.dry_run": FLAG,
+    "preprocess.crop.min_range": optional(NON_NEGATIVE), "preprocess.crop.max_range": optional(POSITIVE),
+    "sampling.max_points": COUNT, "sampling.block_size": POSITIVE, "sampling.overlap": NON_NEGATIVE,
+    "sampling.resolution": POSITIVE, "sampling.seed": INTEGER, "sampling.first_ring": POSITIVE,
+    "sampling.ring_growth": NON_NEGATIVE, "sampling.azimuth_sectors": COUNT,
+    "train.epochs": COUNT, "train.max_steps": optional(COUNT), "train.batch_voxels": COUNT,
+    "train.step_voxels": optional(COUNT), "train.checkpoint_levels": optional(NON_NEGATIVE_INT),
+    "train.grid_size": POSITIVE, "train.label_fraction": SHARE, "train.val_every": NON_NEGATIVE_INT,
+    "train.num_workers": NON_NEGATIVE_INT, "train.log_every": COUNT, "train.amp": FLAG,
+    "train.augmentation.rotate_z": FLAG, "train.augmentation.scale": SCALE_RANGE,
+    "train.augmentation.flip_p": PROBABILITY, "train.augmentation.jitter_sigma": NON_NEGATIVE,
+    "train.augmentation.jitter_clip": NON_NEGATIVE, "train.lovasz_weight": NON_NEGATIVE,
+    "train.resume": (lambda v: str(v).lower() in ("auto", "true", "false"), "auto, true or false"),
+    "train.stop_at_step": optional(COUNT),
+    "optim.lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.block_lr_scale": NON_NEGATIVE,
+    "optim.lr_scaling": one_of("none", "linear", "sqrt"), "optim.reference_voxels": POSITIVE,
+    "optim.pct_start": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"), "optim.div_factor": POSITIVE,
+    "optim.final_div_factor": POSITIVE,
+    "infer.batch_points": COUNT, "infer.num_workers": NON_NEGATIVE_INT, "infer.checkpoint": one_of("best", "last"),
+    "infer.frames_per_chunk": COUNT, "infer.device": DEVICE, "infer.amp": FLAG,
+    "fusion.name": one_of("logit_average", "softmax_average", "mc_uncertainty"), "fusion.mc_passes": COUNT,
+    "fusion.weighting": one_of("entropy", "lowest"), "fusion.temperature": POSITIVE,
+}
+
+
+def _value(cfg: DictConfig, key: str):
+    """The value at ``key`` (resolved), or a marker when the key is absent (options differ in keys)."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+_ABSENT = object()
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` (one line: key, value, fix) for the first bad value of ``cfg``."""
+    for key, (test, wanted) in RULES.items():
+        value = _value(cfg, key)
+        if value is not _ABSENT and not test(value):
+            raise ConfigError(f"{key}={value!r} is not valid: use {wanted}")
+    for split, names in cfg.dataset.splits.items():
+        names = OmegaConf.to_container(names, resolve=True)
+        if not SEQUENCES[0](names):
+            raise ConfigError(f"dataset.splits.{split}={names!r} is not valid: use {SEQUENCES[1]}")
+    crop = cfg.preprocess.crop
+    if crop.min_range is not None and crop.max_range is not None and crop.min_range >= crop.max_range:
+        raise ConfigError(f"preprocess.crop.min_range={crop.min_range} must be below max_range={crop.max_range}")
+    if "overlap" in cfg.sampling and cfg.sampling.name == "hilbert" and cfg.sampling.overlap >= cfg.sampling.max_points:
+        raise ConfigError(f"sampling.overlap={cfg.sampling.overlap} must be below sampling.max_points="
+                          f"{cfg.sampling.max_points} (the window stride is their difference)")
+    for split in ("preprocess.splits", "infer.splits"):
+        for name in _value(cfg, split):
+            if name not in cfg.dataset.splits:
+                raise ConfigError(f"{split} names {name!r}, but dataset.splits has only "
+                                  f"{', '.join(cfg.dataset.splits)}; fix one of the two")

@@ -1,0 +1,52 @@
+"""The config check at launch: every shipped option passes, each bad value is one line naming its key."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from scalept.config_check import check_config
+from scalept.errors import ConfigError
+from scalept.launch import CONF_DIR
+
+GROUPS = ["dataset", "sampling", "model", "train", "optim", "infer", "fusion", "stage", "cluster"]
+
+
+@pytest.mark.parametrize("group, option", [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))
+                                           if not p.stem.startswith("site")])
+def test_every_shipped_option_passes(compose_cfg, group, option):
+    check_config(compose_cfg(f"{group}={option}"))
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.grid_size=0"], "train.grid_size=0"),  # trained "successfully" on one voxel per tile before
+    (["sampling.max_points=abc"], "sampling.max_points='abc'"),
+    (["infer.checkpoint=foo"], "infer.checkpoint='foo'"),
+    (["dataset.splits.val=[8]"], "dataset.splits.val=[8]"),  # read sequences/08 but wrote 8.h5 before
+    (["fusion=mc_uncertainty", "fusion.weighting=entropi"], "fusion.weighting='entropi'"),  # failed after infer
+    (["fusion=mc_uncertainty", "fusion.temperature=0"], "fusion.temperature=0"),
+    (["train.label_fraction=1.5"], "train.label_fraction=1.5"),
+    (["train.augmentation.scale=[1.1,0.9]"], "train.augmentation.scale=[1.1, 0.9]"),
+    (["optim.lr_scaling=cubic"], "optim.lr_scaling='cubic'"),
+    (["infer.device=gpu"], "infer.device='gpu'"),
+    (["train.amp=yes"], "train.amp='yes'"),
+    (["preprocess.crop.min_range=70"], "preprocess.crop.min_range=70"),
+    (["sampling=hilbert", "sampling.overlap=40000"], "sampling.overlap=40000"),
+    (["infer.splits=[valid]"], "infer.splits names 'valid'"),
+])
+def test_a_bad_value_is_one_line_naming_it(compose_cfg, overrides, key):
+    with pytest.raises(ConfigError) as err:
+        check_config(compose_cfg(*overrides))
+    message = str(err.value)
+    assert message.startswith(key) and "\n" not in message
+
+
+def test_the_cli_refuses_before_any_work_with_exit_code_2(tmp_path):
+    args = [sys.executable, "-m", "scalept.launch", "train.grid_size=0", f"data_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path}/run"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() + done.stdout.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "train.grid_size=0 is not valid: use a number > 0" in errors[0]
+    assert not (tmp_path / "synthetic").exists()  # nothing was generated
