@@ -47,7 +47,7 @@ from scalept.data.tiles import TileFile, nearest_covered, tile_file_path
 from scalept.errors import ConfigError
 from scalept.infer import infer_dir, infer_sequences
 from scalept.shards import Chunk, InferenceError, plan_chunks, shard_kind, usable_chunk_file, values_name
-from scalept.metrics import accuracy, confusion_matrix, iou_per_class, mean_iou
+from scalept.metrics import accuracy, confusion_matrix, iou_per_class, mean_iou, mean_iou_present
 
 log = logging.getLogger(__name__)
 
@@ -205,11 +205,14 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def iou_table(iou: np.ndarray, miou: float, acc: float) -> str:
+def iou_table(iou: np.ndarray, miou: float, acc: float, miou_present: float | None = None) -> str:
     """The per-class IoU as a markdown table (percent; '-' for a class absent from both sides)."""
     lines = ["| class | IoU (%) |", "|---|---:|"]
     lines += [f"| {name} | {'-' if np.isnan(v) else f'{100 * v:.2f}'} |" for name, v in zip(CLASS_NAMES, iou)]
-    lines += [f"| **mIoU** | **{100 * miou:.2f}** |", f"| accuracy | {100 * acc:.2f} |"]
+    lines += [f"| **mIoU** (all {len(iou)} classes, '-' counts 0) | **{100 * miou:.2f}** |"]
+    if miou_present is not None:
+        lines += [f"| mIoU over the {int(np.isfinite(iou).sum())} classes present | {100 * miou_present:.2f} |"]
+    lines += [f"| accuracy | {100 * acc:.2f} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -356,7 +359,9 @@ def _metrics(cfg: DictConfig, settings: _Settings, manifest: dict, found: dict, 
         "mc_passes": manifest["mc_passes"], "sampling": str(cfg.sampling.name), "dataset": str(cfg.dataset.name),
         "run_dir": str(cfg.run_dir), "checkpoint_sha1": manifest["checkpoint"],
         "sequences": list(found), "scored_sequences": scored_sequences,
-        "miou": mean_iou(confusion) if scored else None, "accuracy": accuracy(confusion) if scored else None,
+        "miou": mean_iou(confusion) if scored else None,
+        "miou_present": mean_iou_present(confusion) if scored else None,
+        "accuracy": accuracy(confusion) if scored else None,
         "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(CLASS_NAMES, iou)} if scored else None,
         "confusion": confusion.tolist(),
         **{f"num_{k}": v for k, v in counts.items()},
@@ -373,7 +378,7 @@ def _write_scores(cfg: DictConfig, settings: _Settings, metrics: dict, tally: _T
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     method, counts, miou = settings.method, tally.counts, metrics["miou"]
     if miou is not None:
-        table = iou_table(iou_per_class(tally.confusion), miou, metrics["accuracy"])
+        table = iou_table(iou_per_class(tally.confusion), miou, metrics["accuracy"], metrics["miou_present"])
         header = (f"# {method} fusion, sampling={cfg.sampling.name}\n\nSequences "
                   f"{', '.join(metrics['scored_sequences'])}: {counts['frames_scored']} frames, "
                   f"{counts['scored']} scored points.\n\n")

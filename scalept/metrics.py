@@ -33,8 +33,15 @@ def iou_per_class(confusion) -> np.ndarray:
 
 
 def mean_iou(confusion) -> float:
-    """Mean IoU over the classes, as docs/architecture.md says. Classes that occur in neither prediction
-    nor ground truth of the evaluated points (NaN) are left out of the mean."""
+    """The official mIoU (SemanticKITTI's evaluator, Pointcept): the mean over every class, a class
+    that occurs in neither prediction nor ground truth counting 0."""
+    iou = iou_per_class(confusion)
+    return float(np.nan_to_num(iou, nan=0.0).mean()) if np.isfinite(iou).any() else 0.0
+
+
+def mean_iou_present(confusion) -> float:
+    """The mean IoU over the classes that occur in the prediction or the ground truth only: higher
+    than :func:`mean_iou` when classes are absent (a small or synthetic split); reported beside it."""
     iou = iou_per_class(confusion)
     return float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from scalept.metrics import accuracy, confusion_matrix, iou_per_class, mean_iou
+from scalept.metrics import accuracy, confusion_matrix, iou_per_class, mean_iou, mean_iou_present
 
 # Nine points, three classes; the last two have ignored ground truth (-1) and are not counted.
 TARGET = [0, 0, 0, 1, 1, 2, 2, -1, -1]
@@ -41,20 +41,21 @@ def test_confusion_matrix_and_scores_match_the_hand_computation(kind):
     assert accuracy(cm) == pytest.approx(EXPECTED_ACCURACY)
 
 
-def test_absent_class_is_left_out_of_the_mean_but_a_missed_class_counts_as_zero():
-    # 4 classes: class 3 occurs in neither ground truth nor prediction -> NaN, not in the mean.
+def test_an_absent_class_counts_zero_in_the_official_mean_and_is_left_out_of_the_present_one():
+    # 4 classes: class 3 occurs in neither ground truth nor prediction -> NaN IoU.
     cm = confusion_matrix(np.array(PRED), np.array(TARGET), 4)
     iou = iou_per_class(cm)
     assert np.isnan(iou[3])
-    assert mean_iou(cm) == pytest.approx(5 / 9)
-    # Class 2 present in the ground truth but never predicted: IoU 0, and it pulls the mean down.
+    assert mean_iou(cm) == pytest.approx((2 / 3 + 1 / 3 + 2 / 3 + 0) / 4)  # = 5 / 12, as semantic-kitti-api
+    assert mean_iou_present(cm) == pytest.approx(5 / 9)
+    # Class 2 present in the ground truth but never predicted: IoU 0 in both means.
     #   gt [0, 0, 2, 2], pred [0, 0, 0, 0]: class 0 TP 2, FP 2 -> 2/4; class 2 TP 0, FN 2 -> 0; class 1 absent.
     cm = confusion_matrix(np.array([0, 0, 0, 0]), np.array([0, 0, 2, 2]), 3)
     np.testing.assert_allclose(iou_per_class(cm), [0.5, np.nan, 0.0])
-    assert mean_iou(cm) == pytest.approx(0.25)
+    assert mean_iou(cm) == pytest.approx(0.5 / 3) and mean_iou_present(cm) == pytest.approx(0.25)
     assert accuracy(cm) == pytest.approx(0.5)
 
 
 def test_no_counted_point_gives_zero_scores():
     cm = confusion_matrix(np.array([1, 2]), np.array([-1, -1]), 3)
-    assert cm.sum() == 0 and mean_iou(cm) == 0.0 and accuracy(cm) == 0.0
+    assert cm.sum() == 0 and mean_iou(cm) == 0.0 and mean_iou_present(cm) == 0.0 and accuracy(cm) == 0.0
