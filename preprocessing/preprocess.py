@@ -13,7 +13,6 @@ requeued task continues where the last one stopped.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -31,8 +30,8 @@ from preprocessing.tiling import make_tiles
 from scalept.errors import ConfigError
 from scalept.data.dataset import split_sequences
 from scalept.data.semantickitti import IGNORE_INDEX, Sequence
-from scalept.data.tiles import (FrameTiles, TileFile, TileFileError, fill_map, is_complete, merge_tile_files,
-                                tile_file_path, write_tile_file)
+from scalept.data.tiles import (FrameTiles, TileFile, TileFileError, check_tiling, fill_map, is_complete,
+                                merge_tile_files, tile_file_path, write_tile_file)
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +96,7 @@ def _attrs(cfg: DictConfig, sequence: str, has_labels: bool) -> dict:
 
 
 def _check_same_parameters(path: Path, attrs: dict) -> None:
-    built = TileFile(path).attrs
-    for key in ("sampling", "crop"):
-        if built.get(key) != attrs[key]:
-            raise TileFileError(
-                f"{path}: built with {key}={json.dumps(built.get(key))}, but this run asks for "
-                f"{json.dumps(attrs[key])}; delete the file or set another tiles_dir"
-            )
+    check_tiling(TileFile(path), attrs["sampling"], attrs["crop"])
 
 
 def crop_mask(points: np.ndarray, crop: Mapping) -> np.ndarray:

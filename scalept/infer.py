@@ -38,7 +38,7 @@ from scalept.checkpoint import checkpoint_path, load_checkpoint, model_signature
 from scalept.data.batching import pack
 from scalept.data.dataset import split_sequences
 from scalept.data.semantickitti import NUM_CLASSES
-from scalept.data.tiles import TileFile, tile_file_path
+from scalept.data.tiles import TileFile, open_checked, tile_file_path
 from scalept.distributed import barrier, get_local_rank, get_rank, get_world_size
 from scalept.errors import ConfigError
 from scalept.shards import (Chunk, ChunkWriter, chunk_owner, chunk_tiles, plan_chunks, shard_chunks, shard_kind,
@@ -243,7 +243,7 @@ def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None)
     device = _device(cfg)
     model, grid_size, digest = load_model(cfg, device)  # one-line error if missing or of another config
     paths = [tile_file_path(cfg.tiles_dir, cfg.sampling.name, s) for s in sequences]
-    tile_files = {s: TileFile(p) for s, p in zip(sequences, paths)}  # one-line error if a file is missing
+    tile_files = dict(zip(sequences, open_checked(paths, cfg)))  # one line if missing or tiled otherwise
     chunks = plan_chunks({s: tile_files[s].num_frames for s in sequences}, int(cfg.infer.frames_per_chunk))
     expect = {"kind": kind, "fusion": str(cfg.fusion.name), "mc_passes": passes, "num_classes": NUM_CLASSES,
               "checkpoint": digest, "sampling": str(cfg.sampling.name)}

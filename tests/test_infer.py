@@ -11,7 +11,7 @@ from scalept import fuse, infer, shards
 from scalept.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from scalept.data.dataset import voxelize
 from scalept.data.semantickitti import read_labels, to_raw
-from scalept.data.tiles import TileFile, tile_file_path
+from scalept.data.tiles import TileFile, TileFileError, tile_file_path
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -145,3 +145,10 @@ def test_point_budget_batches_keep_the_budget_and_change_no_prediction(block_til
         files = sorted((out / "sequences" / "08" / "predictions").glob("*.label"))
         labels[name] = [np.fromfile(f, dtype=np.uint32) for f in files]
     assert labels["alone"] and all(np.array_equal(a, b) for a, b in zip(labels["alone"], labels["packed"]))
+
+
+def test_tiles_of_other_settings_are_refused_before_predicting(block_tiles):
+    cfg = compose(*base_overrides(block_tiles), "sampling.block_size=20.0")  # tiled at 40 m blocks
+    save_random_checkpoint(cfg)
+    with pytest.raises(TileFileError, match=r"08.h5: built with sampling=.*\"block_size\": 40.0"):
+        infer.run(cfg, rank=0, world_size=1)

@@ -13,8 +13,8 @@ import torch
 from scalept import train
 from scalept.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from scalept.data.dataset import split_tile_files
-from scalept.data.tiles import TileFile
-from scalept.errors import ConfigError
+from scalept.data.tiles import TileFile, TileFileError
+from scalept.errors import ConfigError, ScalePTError
 from tiny_training import TRAIN_SEQUENCES, compose_tiny, make_tiny_data
 
 
@@ -208,3 +208,26 @@ def test_onecycle_schedule_and_lr_from_the_real_step_voxels(data_dir, tmp_path):
     assert result["lr"] == pytest.approx(0.01 * result["step_voxels"] / 4000)
     state = load_checkpoint(checkpoint_path(tmp_path, "last"))
     assert state["scheduler"]["total_steps"] == 2 and state["step"] == 2
+
+
+def test_tiles_of_other_settings_are_refused_in_one_line(data_dir, tmp_path):
+    # the tiny tiles were cut at 2,500 points; this run asks for 3,000
+    with pytest.raises(TileFileError) as err:
+        train.run(compose_tiny(data_dir, tmp_path, "sampling.max_points=3000"))
+    message = str(err.value)
+    assert "00.h5: built with sampling=" in message and '"max_points": 2500' in message and "\n" not in message
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_training_on_sequences_without_labels_is_refused(real_root, tmp_path, compose_cfg):
+    from scalept import launch
+    from scalept.data.semantickitti import Sequence, list_sequences
+
+    unlabelled = [s for s in list_sequences(real_root) if not Sequence(real_root, s).has_labels]
+    assert unlabelled, "the real scans' README promises unlabelled sequences"
+    cfg = compose_cfg(f"data_dir={tmp_path}", f"run_dir={tmp_path / 'run'}", "stage=train", "model=ptv3_tiny",
+                      "dataset=semantickitti", f"dataset.root={real_root}", f"dataset.splits.train=[{unlabelled[0]}]",
+                      "dataset.splits.val=[]", "sampling=block", "train.num_workers=0")
+    launch.preprocess(cfg)
+    with pytest.raises(ScalePTError, match=rf"dataset.splits.train has sequences without labels \({unlabelled[0]}:"):
+        train.run(cfg)

@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--window", type=int, default=5, help="steps per logging window (the first is warm-up)")
     parser.add_argument("--workers", type=int, default=6, help="loader processes")
     parser.add_argument("--model", default="ptv3", choices=["ptv3", "ptv3_tiny"])
-    parser.add_argument("--real", type=Path, help="SemanticKITTI root whose every sequence is trained on")
+    parser.add_argument("--real", type=Path, help="SemanticKITTI root whose labelled sequences are trained on")
     parser.add_argument("--synthetic-sequences", type=int, default=8)
     parser.add_argument("--synthetic-frames", type=int, default=8)
     parser.add_argument("--uncapped-voxels", type=int, default=1_000_000, help="micro-batch of the uncapped preset")
@@ -118,8 +118,10 @@ def main(argv=None) -> dict:
     work = args.work or Path(tempfile.mkdtemp(prefix="scalept-train-bench-"))
     from scalept import launch, train
 
-    if args.real:
-        data = sorted(p.name for p in (args.real / "sequences").iterdir() if (p / "velodyne").is_dir())
+    if args.real:  # the labelled sequences: training refuses the others
+        from scalept.data.semantickitti import Sequence, list_sequences
+
+        data = [s for s in list_sequences(args.real) if Sequence(args.real, s).has_labels]
     else:
         data = make_synthetic(work / "synthetic" / "dataset", args.synthetic_sequences, args.synthetic_frames)
     presets = [p for p in args.presets.split(",") if p]

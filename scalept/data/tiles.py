@@ -218,6 +218,31 @@ def _decode_attr(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
+def check_tiling(tile_file: TileFile, sampling: dict, crop: dict) -> None:
+    """Refuse a tile file built with other tiling parameters than the run's (``cfg.sampling``, ``preprocess.crop``).
+
+    Without this a run with ``sampling.max_points=3000`` would train on the old 40k tiles without a word.
+    """
+    for key, wanted in (("sampling", sampling), ("crop", crop)):
+        built = tile_file.attrs.get(key)
+        if built != wanted:
+            raise TileFileError(f"{tile_file.path}: built with {key}={json.dumps(built)}, but this run asks for "
+                                f"{json.dumps(wanted)}; use the same settings, or set another tiles_dir and rerun "
+                                "stage=preprocess")
+
+
+def open_checked(paths: Sequence[str | os.PathLike], cfg) -> list[TileFile]:
+    """The tile files, each refused in one line when tiled otherwise than ``cfg.sampling`` and ``cfg.preprocess.crop``."""
+    from omegaconf import OmegaConf
+
+    sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
+    crop = OmegaConf.to_container(cfg.preprocess.crop, resolve=True)
+    files = [TileFile(p) for p in paths]
+    for tile_file in files:
+        check_tiling(tile_file, sampling, crop)
+    return files
+
+
 def tile_file_path(tiles_dir: str | os.PathLike, sampling: str, sequence: str) -> Path:
     """Where the tiles of one (strategy, sequence) live: ``<tiles_dir>/<sampling>/<SS>.h5``."""
     return Path(tiles_dir) / sampling / f"{sequence}.h5"

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from scalept import distributed as dist_env
 from scalept.data.dataset import TileDataset, collate, split_tile_files
 from scalept.data.semantickitti import NUM_CLASSES
-from scalept.data.tiles import TileFile
-from scalept.errors import ConfigError
+from scalept.data.tiles import TileFile, open_checked
+from scalept.errors import ConfigError, ScalePTError
 from scalept.metrics import confusion_matrix
 from scalept.data.batching import VoxelBudgetBatches, pack, tile_voxel_counts
 from scalept.training.resume import PREEMPT_SIGNALS
@@ -115,7 +115,12 @@ def build_train_data(cfg: DictConfig, rank: int, world_size: int, device: torch.
     """
     tcfg = cfg.train
     paths = split_tile_files(cfg.tiles_dir, cfg.sampling.name, [str(s) for s in cfg.dataset.splits.train])
-    files = [TileFile(p) for p in paths]
+    files = open_checked(paths, cfg)
+    unlabelled = [f.attrs.get("sequence", f.path.stem) for f in files if not f.attrs.get("has_labels", False)]
+    if unlabelled:
+        raise ScalePTError(f"dataset.splits.train has sequences without labels ({', '.join(unlabelled)}: no labels/ "
+                           "folder when they were tiled); training needs labelled scans: move them to "
+                           "dataset.splits.test")
     fraction = float(tcfg.label_fraction)
     tiles = label_fraction_tiles(files, fraction) if fraction < 1.0 else None
     dataset = TileDataset(paths, tcfg.grid_size, OmegaConf.to_container(tcfg.augmentation, resolve=True),
@@ -155,6 +160,7 @@ def validate(model: torch.nn.Module, cfg: DictConfig, device: torch.device, auto
     once per tile (a tile-level score; the fusion stage scores frames).
     """
     paths = split_tile_files(cfg.tiles_dir, cfg.sampling.name, [str(s) for s in cfg.dataset.splits.val])
+    open_checked(paths, cfg)
     dataset = TileDataset(paths, cfg.train.grid_size)
     rank, world = dist_env.get_rank(), dist_env.get_world_size()
     counts = np.concatenate(tile_voxel_counts(paths, float(cfg.train.grid_size), int(cfg.train.num_workers)))
