@@ -272,8 +272,9 @@ class _Tally:
     """What the frames add up to: the confusion matrix, point counts and seconds per phase."""
 
     confusion: np.ndarray = field(default_factory=lambda: np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64))
+    missed: np.ndarray = field(default_factory=lambda: np.zeros(NUM_CLASSES, dtype=np.int64))  # labelled, unpredicted
     counts: dict = field(default_factory=lambda: dict.fromkeys(
-        ["frames", "frames_scored", "points", "tile_points", "fused", "filled", "scored"], 0))
+        ["frames", "frames_scored", "points", "tile_points", "fused", "filled", "scored", "unpredicted"], 0))
     timings: dict = field(default_factory=lambda: dict.fromkeys(["check", "read", "fuse", "fill", "write", "score"],
                                                                 0.0))
 
@@ -307,7 +308,11 @@ def _fuse_frame_files(h5: h5py.File, rows: slice, tf: TileFile, f: int, settings
         labels = tf.h5["labels"][p_lo:p_hi].astype(np.int64)
         valid = fused.pred >= 0  # only a frame without any tile has no prediction
         tally.confusion += confusion_matrix(fused.pred[valid], labels[valid], NUM_CLASSES)
-        counts["scored"] += int(((labels != IGNORE_INDEX) & valid).sum())
+        unpredicted = labels[~valid & (labels != IGNORE_INDEX)]
+        if len(unpredicted):  # misses of their class, not points left out of the score
+            tally.missed += np.bincount(unpredicted, minlength=NUM_CLASSES)
+            counts["unpredicted"] += len(unpredicted)
+        counts["scored"] += int((labels != IGNORE_INDEX).sum())
         counts["frames_scored"] += 1
     t5 = time.perf_counter()
     for key, dt in zip(("read", "fuse", "fill", "write", "score"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
@@ -349,21 +354,21 @@ def run(cfg: DictConfig) -> dict:
 
 def _metrics(cfg: DictConfig, settings: _Settings, manifest: dict, found: dict, scored_sequences: list[str],
              tally: _Tally, out_dir: Path) -> dict:
-    confusion, counts, timings = tally.confusion, tally.counts, tally.timings
+    confusion, missed, counts, timings = tally.confusion, tally.missed, tally.counts, tally.timings
     method, weighting = settings.method, settings.weighting
-    iou = iou_per_class(confusion)
-    scored = bool(scored_sequences) and confusion.sum() > 0
+    iou = iou_per_class(confusion, missed)
+    scored = bool(scored_sequences) and confusion.sum() + missed.sum() > 0
     return {
         "fusion": method, "weighting": weighting if method == "mc_uncertainty" else None,
         "temperature": settings.temperature if method == "mc_uncertainty" and weighting == "entropy" else None,
         "mc_passes": manifest["mc_passes"], "sampling": str(cfg.sampling.name), "dataset": str(cfg.dataset.name),
         "run_dir": str(cfg.run_dir), "checkpoint_sha1": manifest["checkpoint"],
         "sequences": list(found), "scored_sequences": scored_sequences,
-        "miou": mean_iou(confusion) if scored else None,
-        "miou_present": mean_iou_present(confusion) if scored else None,
-        "accuracy": accuracy(confusion) if scored else None,
+        "miou": mean_iou(confusion, missed) if scored else None,
+        "miou_present": mean_iou_present(confusion, missed) if scored else None,
+        "accuracy": accuracy(confusion, missed) if scored else None,
         "iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(CLASS_NAMES, iou)} if scored else None,
-        "confusion": confusion.tolist(),
+        "confusion": confusion.tolist(), "missed_per_class": missed.tolist(),
         **{f"num_{k}": v for k, v in counts.items()},
         "timings_s": timings,
         "frames_per_s": counts["frames"] / timings["total"] if timings["total"] else None,
@@ -378,7 +383,8 @@ def _write_scores(cfg: DictConfig, settings: _Settings, metrics: dict, tally: _T
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     method, counts, miou = settings.method, tally.counts, metrics["miou"]
     if miou is not None:
-        table = iou_table(iou_per_class(tally.confusion), miou, metrics["accuracy"], metrics["miou_present"])
+        table = iou_table(iou_per_class(tally.confusion, tally.missed), miou, metrics["accuracy"],
+                          metrics["miou_present"])
         header = (f"# {method} fusion, sampling={cfg.sampling.name}\n\nSequences "
                   f"{', '.join(metrics['scored_sequences'])}: {counts['frames_scored']} frames, "
                   f"{counts['scored']} scored points.\n\n")
@@ -390,6 +396,9 @@ def _write_scores(cfg: DictConfig, settings: _Settings, metrics: dict, tally: _T
     else:
         log.info("fuse: no labelled sequence among %s: predictions written, nothing scored",
                  ", ".join(metrics["sequences"]))
+    if counts["unpredicted"]:
+        log.warning("fuse: %d labelled points got no prediction (frames with no point inside preprocess.crop) and "
+                    "count as misses of their class", counts["unpredicted"])
     log.info("fuse: %d frames (%d points: %d fused, %d filled by nearest neighbour) in %.1f s; fusion %.1f M "
              "tile points/s; predictions in %s", counts["frames"], counts["points"], counts["fused"],
              counts["filled"], tally.timings["total"], metrics["fusion_mpoints_per_s"] or 0.0, out_dir / "sequences")

@@ -23,30 +23,36 @@ def confusion_matrix(pred, target, num_classes: int):
     return np.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def iou_per_class(confusion) -> np.ndarray:
-    """IoU_c = TP / (TP + FP + FN); NaN for a class absent from both prediction and ground truth."""
+def iou_per_class(confusion, missed=None) -> np.ndarray:
+    """IoU_c = TP / (TP + FP + FN); NaN for a class absent from both prediction and ground truth.
+
+    ``missed`` (C,) counts labelled points that got no prediction at all (a frame with no point
+    inside the range crop): false negatives of their class that no column of ``confusion`` holds.
+    """
     cm = np.asarray(confusion.cpu() if isinstance(confusion, torch.Tensor) else confusion, dtype=np.float64)
     tp = np.diag(cm)
     union = cm.sum(0) + cm.sum(1) - tp
+    if missed is not None:
+        union = union + np.asarray(missed, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, tp / union, np.nan)
 
 
-def mean_iou(confusion) -> float:
+def mean_iou(confusion, missed=None) -> float:
     """The official mIoU (SemanticKITTI's evaluator, Pointcept): the mean over every class, a class
     that occurs in neither prediction nor ground truth counting 0."""
-    iou = iou_per_class(confusion)
+    iou = iou_per_class(confusion, missed)
     return float(np.nan_to_num(iou, nan=0.0).mean()) if np.isfinite(iou).any() else 0.0
 
 
-def mean_iou_present(confusion) -> float:
+def mean_iou_present(confusion, missed=None) -> float:
     """The mean IoU over the classes that occur in the prediction or the ground truth only: higher
     than :func:`mean_iou` when classes are absent (a small or synthetic split); reported beside it."""
-    iou = iou_per_class(confusion)
+    iou = iou_per_class(confusion, missed)
     return float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
 
 
-def accuracy(confusion) -> float:
+def accuracy(confusion, missed=None) -> float:
     cm = np.asarray(confusion.cpu() if isinstance(confusion, torch.Tensor) else confusion)
-    total = cm.sum()
+    total = cm.sum() + (0 if missed is None else int(np.sum(missed)))
     return float(np.trace(cm) / total) if total else 0.0

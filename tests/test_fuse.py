@@ -191,6 +191,17 @@ def test_a_fill_map_that_disagrees_with_the_shards_is_a_one_line_error(inferred,
     assert "\n" not in str(err.value)
 
 
+def test_frames_with_no_point_inside_the_crop_count_as_misses_not_as_nothing(tmp_path):
+    cfg = compose(*base_overrides(tmp_path, "block", "preprocess.crop.max_range=1.0"))  # no return that close
+    prepare_tiles(cfg)
+    save_random_checkpoint(cfg)
+    infer.run(cfg)
+    metrics = fuse.run(cfg)
+    assert metrics["num_fused"] == 0 and metrics["num_unpredicted"] == metrics["num_scored"] > 0
+    assert metrics["miou"] == 0.0 and metrics["accuracy"] == 0.0  # not a score over no points
+    assert sum(metrics["missed_per_class"]) == metrics["num_unpredicted"]
+
+
 @pytest.mark.parametrize("weighting", ["entropy", "lowest"])
 def test_fuse_mc_uncertainty_keeps_the_fused_entropy(inferred, weighting):
     cfg = compose(*base_overrides(inferred), "fusion=mc_uncertainty", "fusion.mc_passes=2",

@@ -59,3 +59,12 @@ def test_an_absent_class_counts_zero_in_the_official_mean_and_is_left_out_of_the
 def test_no_counted_point_gives_zero_scores():
     cm = confusion_matrix(np.array([1, 2]), np.array([-1, -1]), 3)
     assert cm.sum() == 0 and mean_iou(cm) == 0.0 and mean_iou_present(cm) == 0.0 and accuracy(cm) == 0.0
+
+
+def test_points_without_a_prediction_count_as_misses_of_their_class():
+    cm = confusion_matrix(np.array(PRED), np.array(TARGET), 3)
+    missed = np.array([0, 2, 0])  # two class-1 points that no tile held
+    # class 1: TP 1, FP 1, FN 1 + 2 missed -> 1 / 5; the others unchanged
+    np.testing.assert_allclose(iou_per_class(cm, missed), [2 / 3, 1 / 5, 2 / 3])
+    assert mean_iou(cm, missed) == pytest.approx((2 / 3 + 1 / 5 + 2 / 3) / 3)
+    assert accuracy(cm, missed) == pytest.approx(5 / 9)  # 5 right of 7 + 2 labelled points
