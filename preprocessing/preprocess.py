@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from preprocessing.tiling import make_tiles
 from scalept.errors import ConfigError
 from scalept.data.dataset import split_sequences
+from scalept.atomic import remove_stale_temporaries
 from scalept.data.semantickitti import IGNORE_INDEX, Sequence
 from scalept.data.tiles import (FrameTiles, TileFile, TileFileError, check_tiling, fill_map, is_complete,
                                 merge_tile_files, tile_file_path, write_tile_file)
@@ -196,6 +197,7 @@ def run(cfg: DictConfig) -> list[Path]:
         if world > 1:
             log.info("preprocess: rank %d of %d tasks of this job step (node %s) tiles %d of them",
                      rank, world, os.environ.get("SLURMD_NODENAME", "?"), len(todo))
+    remove_stale_temporaries(Path(cfg.tiles_dir) / str(cfg.sampling.name))
     started = time.perf_counter()
     frames = 0
     for unit in _progress(todo, cfg):

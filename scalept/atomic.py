@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import socket
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+_TEMPORARY = re.compile(r"^\..+\.tmp-(?P<host>.+)-(?P<pid>\d+)$")
 
 
 @contextlib.contextmanager
@@ -23,3 +28,38 @@ def atomic_path(final: str | os.PathLike):
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(*folders: str | os.PathLike) -> int:
+    """Delete the temporaries of :func:`atomic_path` in ``folders`` (and below) whose writer is gone.
+
+    A writer killed with ``kill -9`` (or by the OOM killer) never reaches its clean-up. A
+    temporary is stale when it was written on this host by a process that no longer runs;
+    temporaries of other hosts are left alone (their writer may be alive there). Returns how
+    many were removed; stages call this when they start.
+    """
+    host, removed = socket.gethostname(), 0
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for path in folder.rglob(".*.tmp-*"):
+            match = _TEMPORARY.match(path.name)
+            if match and match["host"] == host and not _alive(int(match["pid"])):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+    if removed:
+        log.info("removed %d temporary file(s) left by killed writers under %s", removed,
+                 ", ".join(str(f) for f in folders))
+    return removed

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from scalept.atomic import atomic_path
+from scalept.atomic import atomic_path, remove_stale_temporaries
 from scalept.checkpoint import checkpoint_path, load_checkpoint, model_signature
 from scalept.data.batching import pack
 from scalept.data.dataset import split_sequences
@@ -239,6 +239,7 @@ def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None)
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size
     out_dir = infer_dir(cfg)
+    remove_stale_temporaries(out_dir)
     sequences = infer_sequences(cfg)
     device = _device(cfg)
     model, grid_size, digest = load_model(cfg, device)  # one-line error if missing or of another config

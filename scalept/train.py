@@ -57,6 +57,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from scalept import distributed as dist_env
+from scalept.atomic import remove_stale_temporaries
 from scalept.checkpoint import checkpoint_path
 from scalept.data.semantickitti import NUM_CLASSES
 from scalept.errors import ConfigError, TrainingInterrupted
@@ -114,6 +115,8 @@ def _model_config(cfg: DictConfig) -> dict:
 
 def _train(cfg: DictConfig, env: dist_env.DistEnv, step_hook: Callable[[int], None] | None = None) -> dict:
     last_path = checkpoint_path(Path(cfg.run_dir), "last")
+    if env.is_main:
+        remove_stale_temporaries(last_path.parent)
     state = load_resume_state(cfg, last_path)
     if state is not None and state.get("finished"):
         log.info("train: %s says training finished (step %d); nothing to do", last_path, state["step"])

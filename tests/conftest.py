@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,14 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "dataset"
     generate_dataset(root, {"00": 3, "08": 2}, seed=0, azimuth_steps=1024)
     return root
+
+
+@pytest.fixture
+def dead_pid():
+    """Pids of processes that have exited (what ``kill -9`` leaves behind): ``dead_pid()`` makes one."""
+    def make() -> int:
+        proc = subprocess.Popen([sys.executable, "-c", "pass"])
+        proc.wait()
+        return proc.pid
+
+    return make

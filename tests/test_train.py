@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import socket
 
 import numpy as np
 import pytest
@@ -118,6 +119,14 @@ def test_resume_continues_the_same_loss_curve(data_dir, tmp_path, uninterrupted,
     # 4) a finished run is skipped
     again = train.run(compose_tiny(data_dir, tmp_path, *RESUME))
     assert again["skipped"] and again["steps"] == total
+
+
+def test_a_killed_writers_temporary_checkpoint_is_removed_when_training_starts(data_dir, tmp_path, dead_pid):
+    stale = tmp_path / "checkpoints" / f".last.pt.tmp-{socket.gethostname()}-{dead_pid()}"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a checkpoint")
+    train.run(compose_tiny(data_dir, tmp_path, "train.max_steps=1", "train.val_every=0"))
+    assert not stale.exists() and checkpoint_path(tmp_path, "last").is_file()
 
 
 def test_checkpoint_of_another_model_is_refused_in_one_line(data_dir, uninterrupted):
