@@ -101,14 +101,19 @@ def _check_same_parameters(path: Path, attrs: dict) -> None:
 
 
 def crop_mask(points: np.ndarray, crop: Mapping) -> np.ndarray:
-    """Points kept for tiling: horizontal range within [min_range, max_range] (null: no bound)."""
-    x, y = points[:, 0], points[:, 1]
+    """Points kept for tiling: horizontal range within [min_range, max_range] and height within
+    [min_z, max_z] (null: no bound)."""
+    x, y, z = points[:, 0], points[:, 1], points[:, 2]
     squared = x * x + y * y  # compared with squared bounds: no square root per point
     keep = np.ones(len(points), dtype=bool)
     if crop.get("min_range") is not None:
         keep &= squared >= np.float32(crop["min_range"]) ** 2
     if crop.get("max_range") is not None:
         keep &= squared <= np.float32(crop["max_range"]) ** 2
+    if crop.get("min_z") is not None:
+        keep &= z >= np.float32(crop["min_z"])
+    if crop.get("max_z") is not None:
+        keep &= z <= np.float32(crop["max_z"])
     return keep
 
 

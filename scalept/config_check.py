@@ -58,6 +58,7 @@ RULES: dict[str, Rule] = {
     "seed": INTEGER, "nodes": COUNT,
     "preprocess.frames_per_task": COUNT, "preprocess.task_id": optional(NON_NEGATIVE_INT), "preprocess.dry_run": FLAG,
     "preprocess.crop.min_range": optional(NON_NEGATIVE), "preprocess.crop.max_range": optional(POSITIVE),
+    "preprocess.crop.min_z": optional((_number, "a number")), "preprocess.crop.max_z": optional((_number, "a number")),
     "sampling.max_points": COUNT, "sampling.block_size": POSITIVE, "sampling.overlap": NON_NEGATIVE,
     "sampling.resolution": POSITIVE, "sampling.seed": INTEGER, "sampling.first_ring": POSITIVE,
     "sampling.ring_growth": NON_NEGATIVE, "sampling.azimuth_sectors": COUNT,
@@ -105,8 +106,9 @@ def check_config(cfg: DictConfig) -> None:
         if not SEQUENCES[0](names):
             raise ConfigError(f"dataset.splits.{split}={names!r} is not valid: use {SEQUENCES[1]}")
     crop = cfg.preprocess.crop
-    if crop.min_range is not None and crop.max_range is not None and crop.min_range >= crop.max_range:
-        raise ConfigError(f"preprocess.crop.min_range={crop.min_range} must be below max_range={crop.max_range}")
+    for low, high in (("min_range", "max_range"), ("min_z", "max_z")):
+        if crop.get(low) is not None and crop.get(high) is not None and crop[low] >= crop[high]:
+            raise ConfigError(f"preprocess.crop.{low}={crop[low]} must be below {high}={crop[high]}")
     if "overlap" in cfg.sampling and cfg.sampling.name == "hilbert" and cfg.sampling.overlap >= cfg.sampling.max_points:
         raise ConfigError(f"sampling.overlap={cfg.sampling.overlap} must be below sampling.max_points="
                           f"{cfg.sampling.max_points} (the window stride is their difference)")

@@ -14,7 +14,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from scalept.data.tiles import TileFile
+from scalept.data.tiles import TileFile, TileFileError
+from scalept.serialization import MAX_DEPTH
+
+MAX_CELLS = 1 << MAX_DEPTH  # cells per axis that the model's curve codes hold
 
 
 def voxelize(xyz: np.ndarray, grid_size: float, rng: np.random.Generator | None = None):
@@ -92,6 +95,13 @@ class TileDataset(Dataset):
             rng = np.random.default_rng([self.seed, epoch, item])
             xyz = augment(xyz, self.augmentation, rng)
         chosen, grid, inverse = voxelize(xyz, self.grid_size, rng)
+        if len(grid) and grid.max() >= MAX_CELLS:
+            tile_file = self.files[file_index]
+            frame = tile_file.frame_ids[tile_file.tile_frame[tile]]
+            span = (xyz.max(axis=0) - xyz.min(axis=0)).round(1).tolist()
+            raise TileFileError(f"{tile_file.path} frame {frame} tile {tile}: spans {span} m, more than {MAX_CELLS} "
+                                f"cells of {self.grid_size} m on an axis (an outlier point?); crop it with "
+                                "preprocess.crop (max_range, min_z, max_z) and rerun stage=preprocess")
         feat = np.concatenate([xyz[chosen], points[chosen, 3:4]], axis=1).astype(np.float32)
         return {
             "feat": feat, "grid": grid, "label": labels[chosen].astype(np.int64), "inverse": inverse,

@@ -227,8 +227,8 @@ def check_tiling(tile_file: TileFile, sampling: dict, crop: dict) -> None:
         built = tile_file.attrs.get(key)
         if built != wanted:
             raise TileFileError(f"{tile_file.path}: built with {key}={json.dumps(built)}, but this run asks for "
-                                f"{json.dumps(wanted)}; use the same settings, or set another tiles_dir and rerun "
-                                "stage=preprocess")
+                                f"{json.dumps(wanted)}; use the same settings, or delete the file or set another tiles_dir "
+                                "and rerun stage=preprocess")
 
 
 def open_checked(paths: Sequence[str | os.PathLike], cfg) -> list[TileFile]:

@@ -175,3 +175,39 @@ def test_sbatch_script_runs_the_unit_of_its_array_task(real_root, tmp_path):
     assert is_complete(tmp_path / "tiles" / "semantickitti" / "hilbert" / "08.h5")
     assert not (tmp_path / "tiles" / "semantickitti" / "hilbert" / "00.h5").exists()
     assert (tmp_path / "outputs" / "preprocess" / "77" / "1").is_dir()
+
+
+def test_a_far_outlier_is_cropped_by_height_and_named_when_it_is_not(compose_cfg, real_root, tmp_path):
+    from scalept.data.dataset import TileDataset
+    from scalept.data.semantickitti import list_sequences
+
+    labelled = next(s for s in list_sequences(real_root) if Sequence(real_root, s).has_labels)
+    scan = sorted((real_root / "sequences" / labelled / "velodyne").glob("*.bin"))[0]
+    points = np.fromfile(scan, dtype=np.float32).reshape(-1, 4)
+    broken = np.vstack([points, [[5.0, 5.0, 1e9, 0.5]]]).astype(np.float32)  # a finite outlier, 7 m away
+    folder = tmp_path / "dataset" / "sequences" / "00"
+    (folder / "velodyne").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    broken.tofile(folder / "velodyne" / scan.name)
+    label = np.fromfile(scan.parent.parent / "labels" / f"{scan.stem}.label", dtype=np.uint32)
+    np.append(label, np.uint32(0)).tofile(folder / "labels" / f"{scan.stem}.label")
+    outlier = len(points)
+
+    def tiled(data_dir, *crop):
+        cfg = compose_cfg("stage=preprocess", "dataset=semantickitti", f"dataset.root={tmp_path / 'dataset'}",
+                          f"data_dir={data_dir}", 'dataset.splits.train=["00"]', "dataset.splits.val=[]",
+                          "sampling=block", *crop)
+        run(cfg)
+        return tile_file_path(cfg.tiles_dir, "block", "00")
+
+    cropped = TileFile(tiled(tmp_path / "cropped"))  # the default crop: -20 m <= z <= 40 m
+    assert all(outlier not in tile for tile in cropped.frame(0).tiles)
+    assert outlier in cropped.fill(0)[:, 0]  # it takes a neighbour's prediction
+    uncropped = tiled(tmp_path / "uncropped", "preprocess.crop.min_z=null", "preprocess.crop.max_z=null")
+    dataset = TileDataset([uncropped], 0.05)
+    holding = [i for i, (_, t) in enumerate(dataset.index) if outlier in TileFile(uncropped).tile(t)[2]]
+    with pytest.raises(TileFileError) as err:
+        dataset[holding[0]]
+    message = str(err.value)
+    assert f"00.h5 frame {scan.stem}" in message and "preprocess.crop (max_range, min_z, max_z)" in message
+    assert "\n" not in message
