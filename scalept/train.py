@@ -6,7 +6,7 @@
 ``<run_dir>/tb/`` and ``<run_dir>/train_metrics.json``. Only rank 0 writes.
 
 Schedule. A micro-batch is as many tiles as fit ``train.batch_voxels`` voxels on one
-rank (:mod:`scalept.training.batching`); an optimizer step is one micro-batch per rank,
+rank (:mod:`scalept.data.batching`); an optimizer step is one micro-batch per rank,
 or, with ``train.step_voxels``, as many accumulated micro-batches as keep the global
 step at that many voxels whatever the world size. ``train.epochs`` passes, or exactly
 ``train.max_steps`` optimizer steps when that is set (the OneCycle schedule spans the

@@ -1,6 +1,6 @@
 """What the model sees in training: the label-fraction subset, the loaders, the validation pass.
 
-The training loader draws its batches from :class:`~scalept.training.batching.VoxelBudgetBatches`
+The training loader draws its batches from :class:`~scalept.data.batching.VoxelBudgetBatches`
 (a plan of (seed, epoch)) and its augmentations from (seed, epoch, tile), so neither depends
 on how often a job was restarted; the schedule (steps per epoch) follows from the plans.
 """
@@ -17,12 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from scalept import distributed as dist_env
+from scalept.data.batching import VoxelBudgetBatches, pack, tile_voxel_counts
 from scalept.data.dataset import TileDataset, collate, split_tile_files
 from scalept.data.semantickitti import NUM_CLASSES
 from scalept.data.tiles import TileFile, open_checked
 from scalept.errors import ConfigError, ScalePTError
 from scalept.metrics import confusion_matrix
-from scalept.data.batching import VoxelBudgetBatches, pack, tile_voxel_counts
 from scalept.training.resume import PREEMPT_SIGNALS
 
 
@@ -53,7 +53,7 @@ def make_loader(dataset, batch_sampler, num_workers: int, pin: bool) -> DataLoad
     """Batches from ``batch_sampler`` (lists of dataset keys), collated and, on GPU, pinned by the workers.
 
     Workers persist across epochs (the epoch travels with each key, see
-    :class:`~scalept.training.batching.VoxelBudgetBatches`) and keep several batches ready,
+    :class:`~scalept.data.batching.VoxelBudgetBatches`) and keep several batches ready,
     so a step never waits for worker start-up or for one slow tile.
     """
     extra = dict(persistent_workers=True, prefetch_factor=4, worker_init_fn=_ignore_stop_signals) if num_workers else {}
