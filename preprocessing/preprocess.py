@@ -132,7 +132,8 @@ def tile_frame(points: np.ndarray, sampling: Mapping, crop: Mapping, rng: np.ran
 
 
 def run_unit(cfg: DictConfig, unit: Unit) -> Path | None:
-    """Tile one unit into its part file; returns the part, or None when the sequence is already done."""
+    """Tile one unit into its part file; returns the part written now, or None when the sequence's
+    file or this unit's part was already there (a rerun)."""
     final = tile_file_path(cfg.tiles_dir, cfg.sampling.name, unit.sequence)
     sequence = Sequence(cfg.dataset.root, unit.sequence)
     attrs = _attrs(cfg, unit.sequence, sequence.has_labels)
@@ -142,7 +143,7 @@ def run_unit(cfg: DictConfig, unit: Unit) -> Path | None:
     part = _parts_dir(cfg, unit.sequence) / unit.part_name
     if part.exists() and is_complete(part):
         _check_same_parameters(part, attrs)
-        return part
+        return None
     sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
     crop = attrs["crop"]
     frames = []

@@ -47,6 +47,7 @@ def test_the_cli_refuses_before_any_work_with_exit_code_2(tmp_path):
             f"hydra.run.dir={tmp_path}/run"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    errors = [line for line in done.stderr.splitlines() + done.stdout.splitlines() if "ERROR" in line]
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]  # stderr: Slurm --error files
     assert len(errors) == 1 and "train.grid_size=0 is not valid: use a number > 0" in errors[0]
+    assert "ERROR" not in done.stdout  # once, not on both streams
     assert not (tmp_path / "synthetic").exists()  # nothing was generated

@@ -211,3 +211,17 @@ def test_a_far_outlier_is_cropped_by_height_and_named_when_it_is_not(compose_cfg
     message = str(err.value)
     assert f"00.h5 frame {scan.stem}" in message and "preprocess.crop (max_range, min_z, max_z)" in message
     assert "\n" not in message
+
+
+def test_the_log_counts_only_frames_tiled_now(compose_cfg, real_root, tmp_path, caplog):
+    cfg = real_cfg(compose_cfg, real_root, tmp_path, "sampling=block", "preprocess.frames_per_task=1",
+                   "preprocess.splits=[val]")
+    units = plan_units(cfg)
+    assert len(units) >= 2  # one unit per frame of the labelled sequence
+    run(real_cfg(compose_cfg, real_root, tmp_path, "sampling=block", "preprocess.frames_per_task=1",
+                 "preprocess.splits=[val]", "preprocess.task_id=0"))  # an array task that finished alone
+    caplog.clear()
+    with caplog.at_level("INFO", logger="preprocessing.preprocess"):
+        run(cfg)  # the rest: every unit but the first
+    (summary,) = [r.getMessage() for r in caplog.records if " tiled " in r.getMessage()]
+    assert f"tiled {len(units) - 1} frames" in summary
