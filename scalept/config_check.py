@@ -70,7 +70,7 @@ RULES: dict[str, Rule] = {
     "train.augmentation.flip_p": PROBABILITY, "train.augmentation.jitter_sigma": NON_NEGATIVE,
     "train.augmentation.jitter_clip": NON_NEGATIVE, "train.lovasz_weight": NON_NEGATIVE,
     "train.resume": (lambda v: str(v).lower() in ("auto", "true", "false"), "auto, true or false"),
-    "train.stop_at_step": optional(COUNT),
+    "train.stop_at_step": optional(COUNT), "train.checkpoint_every_min": optional(POSITIVE),
     "optim.lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.block_lr_scale": NON_NEGATIVE,
     "optim.lr_scaling": one_of("none", "linear", "sqrt"), "optim.reference_voxels": POSITIVE,
     "optim.pct_start": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"), "optim.div_factor": POSITIVE,

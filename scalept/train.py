@@ -30,7 +30,8 @@ the checkpoint. If that handler returns, ``run`` raises
 pipeline never goes on with a half-trained model; so does a rank that stopped
 only because another rank was signalled. ``train.stop_at_step``
 simulates the same stop at a given step without a signal and then returns
-normally (tests, debugging). ``last.pt`` is also written after every epoch.
+normally (tests, debugging). ``last.pt`` is also written after every epoch and every
+``train.checkpoint_every_min`` minutes (a ``kill -9`` or a lost node loses at most that).
 
 A later run with ``train.resume=auto`` (the default; ``true`` insists on a
 checkpoint, ``false`` starts over) restores model, optimizer, scheduler, epoch, step, the position in
@@ -174,6 +175,7 @@ class Trainer:
         self.steps_log = StepLog(self.reporter, device, env.world_size)
         self.step_lr = float(self.scheduler.get_last_lr()[0])
         self.last_val_epoch = -1
+        self.last_save = time.perf_counter()  # when last.pt was last written (or the run began)
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else contextlib.nullcontext()
@@ -241,7 +243,20 @@ class Trainer:
                 return True
             if self.step >= self.total_steps:
                 break
+            self.save_if_due(micro)
         return False
+
+    def save_if_due(self, micro: int) -> None:
+        """``last.pt`` every ``train.checkpoint_every_min`` minutes, so a killed job (``kill -9``, a node
+        failure) loses minutes, not the rest of an epoch. Rank 0 alone: saving needs no other rank."""
+        every = self.cfg.train.get("checkpoint_every_min")
+        if every is None or time.perf_counter() - self.last_save < 60.0 * float(every):
+            return
+        if self.env.is_main:
+            started = time.perf_counter()
+            self.checkpointer.save(self.last_path, self.epoch, micro, self.step, self.best_miou)
+            self.steps_log.exclude(time.perf_counter() - started)  # throughput counts training, not saving
+        self.last_save = time.perf_counter()
 
     def check_stop(self, micro: int) -> bool:
         """Log when due; if any rank was asked to stop, write ``last.pt`` at this step and say so."""
@@ -274,6 +289,7 @@ class Trainer:
                 self.best_miou = miou
                 self.checkpointer.save(self.best_path, self.epoch, 0, self.step, self.best_miou)
         self.checkpointer.save(self.last_path, self.epoch, 0, self.step, self.best_miou, finished=self.done)
+        self.last_save = time.perf_counter()
         self.steps_log.restart_clock()  # throughput counts training, not validation or saving
 
     def finish(self, preempted: bool) -> dict:

@@ -129,6 +129,31 @@ def test_a_killed_writers_temporary_checkpoint_is_removed_when_training_starts(d
     assert not stale.exists() and checkpoint_path(tmp_path, "last").is_file()
 
 
+@pytest.mark.slow
+def test_a_crash_mid_epoch_resumes_from_the_periodic_checkpoint(data_dir, tmp_path, uninterrupted, monkeypatch):
+    _, reference = uninterrupted
+    expected = dict(reference["step_losses"])
+    loss_fn, calls = train.segmentation_loss, {"n": 0}
+
+    def loss_then_crash(*args, **kwargs):  # as kill -9 would: no handler, no checkpoint on the way out
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("node lost")
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(train, "segmentation_loss", loss_then_crash)
+    with pytest.raises(RuntimeError, match="node lost"):
+        train.run(compose_tiny(data_dir, tmp_path, *RESUME, "train.checkpoint_every_min=1e-9"))  # after every step
+    monkeypatch.setattr(train, "segmentation_loss", loss_fn)
+    state = load_checkpoint(checkpoint_path(tmp_path, "last"))
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (2, 0, 2)  # mid-epoch, the last whole step
+    resumed = train.run(compose_tiny(data_dir, tmp_path, *RESUME))
+    assert [s for s, _ in resumed["step_losses"]] == list(range(3, reference["total_steps"] + 1))
+    for step, loss in resumed["step_losses"]:
+        assert loss == pytest.approx(expected[step], abs=1e-6), step
+    assert resumed["param_digest"] == reference["param_digest"]
+
+
 def test_checkpoint_of_another_model_is_refused_in_one_line(data_dir, uninterrupted):
     run_dir, _ = uninterrupted
     cfg = compose_tiny(data_dir, run_dir, *RESUME, "model.enc_channels=[16,16,32,32,32]")

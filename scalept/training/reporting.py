@@ -157,6 +157,10 @@ class StepLog:
     def restart_clock(self) -> None:
         self.window_start = time.perf_counter()
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (e.g. a checkpoint written inside the window) out of the window's time."""
+        self.window_start += seconds
+
     def flush(self, step: int, lr: float, epoch: int) -> None:
         """Read back the pending step losses (one sync), average over ranks, log them."""
         pending = self.pending
