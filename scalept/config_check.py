@@ -9,8 +9,10 @@ keep the defaults and their comments; this module holds no second copy of them.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -117,3 +119,22 @@ def check_config(cfg: DictConfig) -> None:
             if name not in cfg.dataset.splits:
                 raise ConfigError(f"{split} names {name!r}, but dataset.splits has only "
                                   f"{', '.join(cfg.dataset.splits)}; fix one of the two")
+
+
+# The folders stages write, by the config key that names them.
+OUTPUT_DIRS = ("data_dir", "tiles_dir", "run_dir")
+
+
+def check_output_dirs(cfg: DictConfig) -> None:
+    """Make the folders the stages write, or raise :class:`ConfigError` naming the key: a file in the
+    way, no permission, a read-only place (/proc) — before the first unit of work, not after it."""
+    for key in OUTPUT_DIRS:
+        path = Path(str(cfg[key]))
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as err:
+            in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+            why = f"{in_the_way} is a file, not a folder" if in_the_way else (err.strerror or str(err))
+            raise ConfigError(f"{key}={cfg[key]}: cannot make the folder ({why}); point {key} elsewhere") from None

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from scalept import slurm_jobs
-from scalept.config_check import check_config
+from scalept.config_check import check_config, check_output_dirs
 from scalept.errors import ConfigError, ScalePTError, TrainingInterrupted
 
 log = logging.getLogger("scalept")
@@ -115,6 +115,7 @@ def run(cfg: DictConfig) -> None:
     own that rank 0 submits with afterok on this one, whatever the number of tasks.
     """
     check_config(cfg)  # every value, before any work (again in every job)
+    check_output_dirs(cfg)
     steps = list(cfg.stage.steps)
     for step in steps:
         if step not in STEPS:

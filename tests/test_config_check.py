@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from scalept.config_check import check_config
+from scalept.config_check import check_config, check_output_dirs
 from scalept.errors import ConfigError
 from scalept.launch import CONF_DIR
 
@@ -51,3 +51,14 @@ def test_the_cli_refuses_before_any_work_with_exit_code_2(tmp_path):
     assert len(errors) == 1 and "train.grid_size=0 is not valid: use a number > 0" in errors[0]
     assert "ERROR" not in done.stdout  # once, not on both streams
     assert not (tmp_path / "synthetic").exists()  # nothing was generated
+
+
+def test_output_folders_that_cannot_be_made_are_refused_before_work(compose_cfg, tmp_path):
+    a_file = tmp_path / "runs"
+    a_file.write_text("not a folder")
+    in_the_way = r"^run_dir=.*runs/x: cannot make the folder \(.*runs is a file, not a folder\)"
+    with pytest.raises(ConfigError, match=in_the_way):
+        check_output_dirs(compose_cfg(f"data_dir={tmp_path}", f"run_dir={a_file}/x"))
+    with pytest.raises(ConfigError, match=r"^tiles_dir=/proc/scalept-tiles: cannot make the folder \(.+\); point"):
+        check_output_dirs(compose_cfg(f"data_dir={tmp_path}", "tiles_dir=/proc/scalept-tiles"))
+    check_output_dirs(compose_cfg(f"data_dir={tmp_path / 'new' / 'data'}", f"run_dir={tmp_path / 'run'}"))
