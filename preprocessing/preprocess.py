@@ -8,14 +8,16 @@ the ranks wait for each other's tile files at the end. A unit writes a part file
 ``<tiles_dir>/<sampling>/<SS>.parts/<first>-<end>.h5``; whichever task finishes
 the last part of a sequence merges the parts into ``<SS>.h5`` (two tasks racing
 there both write the same bytes under private temporary names, and the rename
-is atomic). Every write is atomic and finished work is skipped, so a rerun or a
+is atomic). The merge removes only the finished parts, so a concurrent run (a
+resubmitted array while the first still runs) keeps its half-written part and its
+folder. Every write is atomic and finished work is skipped, so a rerun or a
 requeued task continues where the last one stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
 import sys
 import time
 import zlib
@@ -157,26 +159,39 @@ def run_unit(cfg: DictConfig, unit: Unit) -> Path | None:
     return part
 
 
+def _remove_parts(cfg: DictConfig, sequence_name: str) -> None:
+    """Delete the sequence's finished part files, and their folder if nothing else is in it.
+
+    Another task of a concurrent run (a resubmitted array while the first still runs) may be
+    writing a part there: its temporary is left alone, and so is the folder holding it.
+    """
+    folder = _parts_dir(cfg, sequence_name)
+    for unit in sequence_units(cfg, sequence_name):
+        (folder / unit.part_name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty, or already gone
+        folder.rmdir()
+
+
 def merge_if_complete(cfg: DictConfig, sequence_name: str) -> bool:
     """Merge the sequence's parts into its tile file once every part exists; True when it is done."""
     final = tile_file_path(cfg.tiles_dir, cfg.sampling.name, sequence_name)
     if final.exists() and is_complete(final):
+        _remove_parts(cfg, sequence_name)  # parts a concurrent run finished after the merge
         return True
     parts = [_parts_dir(cfg, sequence_name) / u.part_name for u in sequence_units(cfg, sequence_name)]
     if not all(p.exists() and is_complete(p) for p in parts):
         return False
-    if len(parts) == 1:  # nothing to concatenate: the part already is the sequence's file
-        os.replace(parts[0], final)
-        shutil.rmtree(_parts_dir(cfg, sequence_name), ignore_errors=True)
-        return True
-    sequence = Sequence(cfg.dataset.root, sequence_name)
     try:
-        merge_tile_files(parts, final, _attrs(cfg, sequence_name, sequence.has_labels))
+        if len(parts) == 1:  # nothing to concatenate: the part already is the sequence's file
+            os.replace(parts[0], final)
+        else:
+            sequence = Sequence(cfg.dataset.root, sequence_name)
+            merge_tile_files(parts, final, _attrs(cfg, sequence_name, sequence.has_labels))
     except (FileNotFoundError, TileFileError):
-        if final.exists() and is_complete(final):  # another task merged and removed the parts first
-            return True
-        raise
-    shutil.rmtree(_parts_dir(cfg, sequence_name), ignore_errors=True)
+        if not (final.exists() and is_complete(final)):
+            raise
+        # another task merged and removed the parts first
+    _remove_parts(cfg, sequence_name)
     return True
 
 

@@ -225,3 +225,23 @@ def test_the_log_counts_only_frames_tiled_now(compose_cfg, real_root, tmp_path, 
         run(cfg)  # the rest: every unit but the first
     (summary,) = [r.getMessage() for r in caplog.records if " tiled " in r.getMessage()]
     assert f"tiled {len(units) - 1} frames" in summary
+
+
+def test_a_concurrent_runs_half_written_part_survives_the_merge(compose_cfg, real_root, tmp_path):
+    cfg = real_cfg(compose_cfg, real_root, tmp_path, "sampling=knn", "preprocess.frames_per_task=2",
+                   "preprocess.splits=[train]")
+    units = [u for u in plan_units(cfg) if u.sequence == "00"]
+    assert len(units) >= 2
+    parts = tile_files(cfg)["00"].with_suffix(".parts")
+    for task in range(len(units) - 1):
+        cfg.preprocess.task_id = task
+        run(cfg)
+    # a resubmitted array's task is still writing the last unit when this run's task finishes it
+    foreign = parts / f".{units[-1].part_name}.tmp-othernode-4242"
+    foreign.write_bytes(b"half a part")
+    cfg.preprocess.task_id = len(units) - 1
+    run(cfg)
+    assert is_complete(tile_files(cfg)["00"])
+    assert foreign.exists() and [p.name for p in parts.iterdir()] == [foreign.name]  # only ours were removed
+    foreign.rename(parts / units[-1].part_name)  # the other task's atomic rename still has a folder
+    assert preprocess.merge_if_complete(cfg, "00") and not parts.exists()  # its redundant part is cleaned up
