@@ -288,7 +288,7 @@ def _fuse_frame_files(h5: h5py.File, rows: slice, tf: TileFile, f: int, settings
     entropy = h5["entropy"][rows] if settings.kind == "mc" else None
     p_lo, p_hi = tf.frame_offsets[f], tf.frame_offsets[f + 1]
     fill = tf.fill(f) if tf.has_fill_map else None
-    xyz = tf.h5["points"][p_lo:p_hi, :3] if fill is None else None
+    xyz = tf.read("points", slice(p_lo, p_hi))[:, :3] if fill is None else None
     t1 = time.perf_counter()
     fused = fuse_frame(p_hi - p_lo, point_index, values, settings.method, entropy, settings.weighting,
                        settings.temperature)
@@ -305,7 +305,7 @@ def _fuse_frame_files(h5: h5py.File, rows: slice, tf: TileFile, f: int, settings
     t4 = time.perf_counter()
     counts = tally.counts
     if scored:
-        labels = tf.h5["labels"][p_lo:p_hi].astype(np.int64)
+        labels = tf.read("labels", slice(p_lo, p_hi)).astype(np.int64)
         valid = fused.pred >= 0  # only a frame without any tile has no prediction
         tally.confusion += confusion_matrix(fused.pred[valid], labels[valid], NUM_CLASSES)
         unpredicted = labels[~valid & (labels != IGNORE_INDEX)]

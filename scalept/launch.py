@@ -150,7 +150,9 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except ScalePTError as err:  # the user's input: one line, no traceback
-        log.error("%s", err)
+        # raised in a DataLoader worker, the message carries the worker's traceback; its last line is ours
+        line = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        log.error("%s", line.removeprefix(f"{type(err).__name__}: "))
         sys.exit(2 if isinstance(err, ConfigError) else 1)  # 2: fix the config, 1: fix the data or files
 
 

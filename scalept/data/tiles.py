@@ -65,9 +65,11 @@ def _flat(arrays: Sequence[np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray]:
 # Filters per flat array, measured on real scans: float32 coordinates are noise to a
 # compressor (lzf: 0.88 of the size at 15x the write time), so points are stored
 # plain; labels shrink to 0.10 with lzf, ascending tile indices to 0.04 with
-# shuffle + lzf, at 1-3 ms per frame.
-_FILTERS = {"points": {}, "labels": {"compression": "lzf"}, "tile_indices": {"compression": "lzf", "shuffle": True},
-            "fill": {"compression": "lzf", "shuffle": True}}
+# shuffle + lzf, at 1-3 ms per frame. Every chunk carries HDF5's Fletcher-32
+# checksum, checked on every read: damaged bytes are an error, never other points.
+_FILTERS = {"points": {"fletcher32": True}, "labels": {"compression": "lzf", "fletcher32": True},
+            "tile_indices": {"compression": "lzf", "shuffle": True, "fletcher32": True},
+            "fill": {"compression": "lzf", "shuffle": True, "fletcher32": True}}
 _DTYPES = {"points": np.float32, "labels": np.int8, "tile_indices": np.int32, "fill": np.int32}
 _CHUNK_ROWS = {"points": 1 << 16, "labels": 1 << 17, "tile_indices": 1 << 17, "fill": 1 << 16}
 _COLUMNS = {"points": 4, "fill": 2}
@@ -181,13 +183,22 @@ class TileFile:
     def num_tiles(self) -> int:
         return len(self.tile_frame)
 
+    def read(self, name: str, rows: slice) -> np.ndarray:
+        """Rows of one flat array; a chunk whose checksum fails (damaged bytes) is a one-line error."""
+        try:
+            return self.h5[name][rows]
+        except OSError as err:
+            raise TileFileError(f"{self.path}: {name} rows {rows.start}-{rows.stop} are damaged "
+                                f"({str(err).splitlines()[0]}); delete the file and rerun stage=preprocess") from None
+
     def frame(self, f: int) -> FrameTiles:
         lo, hi = self.frame_offsets[f], self.frame_offsets[f + 1]
         t_lo, t_hi = self.frame_tile_offsets[f], self.frame_tile_offsets[f + 1]
-        flat = self.h5["tile_indices"][self.tile_offsets[t_lo] : self.tile_offsets[t_hi]]
+        flat = self.read("tile_indices", slice(self.tile_offsets[t_lo], self.tile_offsets[t_hi]))
         bounds = self.tile_offsets[t_lo : t_hi + 1] - self.tile_offsets[t_lo]
         tiles = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        return FrameTiles(self.frame_ids[f], self.h5["points"][lo:hi], self.h5["labels"][lo:hi], tiles)
+        rows = slice(lo, hi)
+        return FrameTiles(self.frame_ids[f], self.read("points", rows), self.read("labels", rows), tiles)
 
     @property
     def has_fill_map(self) -> bool:
@@ -195,16 +206,16 @@ class TileFile:
 
     def fill(self, f: int) -> np.ndarray:
         """Frame ``f``'s fill map: (U, 2) rows (point in no tile, nearest point in a tile)."""
-        return self.h5["fill"][self.frame_fill_offsets[f] : self.frame_fill_offsets[f + 1]]
+        return self.read("fill", slice(self.frame_fill_offsets[f], self.frame_fill_offsets[f + 1]))
 
     def tile(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Points, labels and frame indices of tile ``t`` (reads only the tile's frame span)."""
         f = self.tile_frame[t]
-        indices = self.h5["tile_indices"][self.tile_offsets[t] : self.tile_offsets[t + 1]]
+        indices = self.read("tile_indices", slice(self.tile_offsets[t], self.tile_offsets[t + 1]))
         lo = self.frame_offsets[f]
         span = slice(lo + int(indices.min()), lo + int(indices.max()) + 1)
         local = indices - indices.min()
-        return self.h5["points"][span][local], self.h5["labels"][span][local], indices
+        return self.read("points", span)[local], self.read("labels", span)[local], indices
 
     def close(self) -> None:
         if self._h5 is not None:

@@ -139,3 +139,19 @@ def test_nothing_to_fill_without_a_tiled_point_or_when_every_point_is_tiled(tmp_
     merge_tile_files([tmp_path / "00.h5"], tmp_path / "merged.h5", {})
     for path in (tmp_path / "00.h5", tmp_path / "merged.h5"):
         assert TileFile(path).fill(0).shape == (0, 2)
+
+
+@pytest.mark.parametrize("name", ["points", "labels", "tile_indices"])
+def test_damaged_bytes_are_a_one_line_error_naming_the_file(tmp_path, name):
+    path = tmp_path / "00.h5"
+    write_tile_file(path, with_fill(make_frames(3, seed=7)), {})
+    with h5py.File(path, "r") as h5:
+        chunk = h5[name].id.get_chunk_info(0)
+    with open(path, "r+b") as f:  # overwrite bytes inside the first chunk, as a bad disk or a copy might
+        f.seek(chunk.byte_offset + chunk.size // 2)
+        f.write(b"\xde\xad\xbe\xef")
+    tile_file = TileFile(path)
+    with pytest.raises(TileFileError) as err:
+        tile_file.frame(0)
+    message = str(err.value)
+    assert message.startswith(f"{path}: {name} rows") and "damaged" in message and "\n" not in message
