@@ -2,14 +2,54 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
+import shutil
 import socket
 from pathlib import Path
 
+from scalept.errors import DiskFullError
+
 log = logging.getLogger(__name__)
 _TEMPORARY = re.compile(r"^\..+\.tmp-(?P<host>.+)-(?P<pid>\d+)$")
+
+
+DISK_FULL_MARKS = ("No space left on device", "errno = 28", "Disk quota exceeded")
+LOW_SPACE = 64 << 20  # bytes: a write that failed with less free than this most likely ran out of space
+
+
+def _free_bytes(folder: Path) -> int:
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def is_disk_full(err: BaseException, folder: str | os.PathLike) -> bool:
+    """Whether ``err`` (from h5py, torch.save, a plain write) means the disk under ``folder`` is full.
+
+    h5py and torch do not always keep the errno: their message is read, and a write error
+    with next to no space left under ``folder`` counts too.
+    """
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(mark in str(err) for mark in DISK_FULL_MARKS):
+        return True
+    return isinstance(err, (OSError, RuntimeError)) and "writ" in str(err) and _free_bytes(Path(folder)) < LOW_SPACE
+
+
+def disk_full_error(path: str | os.PathLike, needed: int | None = None) -> DiskFullError:
+    folder = Path(path).parent
+    need = f" needs about {needed / 1e6:,.0f} MB but" if needed else ""
+    return DiskFullError(f"{path}: disk full: writing it{need} {folder} has {_free_bytes(folder) / 1e6:,.0f} MB "
+                         "free; free space there (or point the output elsewhere) and rerun: finished work is kept")
+
+
+def ensure_free_space(path: str | os.PathLike, needed: int) -> None:
+    """Refuse a write of about ``needed`` bytes to ``path`` before it starts (a full disk mid-write
+    leaves some libraries, HDF5 among them, in a state that can crash the process at exit)."""
+    if _free_bytes(Path(path).parent) < needed:
+        raise disk_full_error(path, needed)
 
 
 @contextlib.contextmanager
@@ -25,6 +65,10 @@ def atomic_path(final: str | os.PathLike):
     try:
         yield tmp
         os.replace(tmp, final)
+    except (OSError, RuntimeError) as err:
+        if not isinstance(err, DiskFullError) and is_disk_full(err, final.parent):
+            raise disk_full_error(final) from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from scalept.atomic import atomic_path
+from scalept.atomic import atomic_path, ensure_free_space
 from scalept.errors import ScalePTError
 
 
@@ -65,8 +65,20 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping) -> None:
     missing = {"model", "model_cfg", "num_classes", "grid_size", "signature"} - set(state)
     if missing:
         raise ValueError(f"checkpoint state lacks {sorted(missing)}")
+    ensure_free_space(path, _tensor_bytes(state) + (1 << 20))
     with atomic_path(path) as tmp:
         torch.save(dict(state), tmp)
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested state (what torch.save will write, give or take its headers)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: str | os.PathLike, signature: str | None = None, map_location="cpu") -> dict:

@@ -11,3 +11,7 @@ class ConfigError(ScalePTError, ValueError):
 
 class TrainingInterrupted(ScalePTError, RuntimeError):
     """Training stopped on a signal after writing last.pt; rerunning the same command resumes it."""
+
+
+class DiskFullError(ScalePTError, OSError):
+    """A write found no space left; nothing half-written is kept, finished work stays."""

@@ -44,7 +44,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from scalept.atomic import atomic_path
+from scalept.atomic import atomic_path, ensure_free_space
 from scalept.data.tiles import TileFile
 from scalept.errors import ConfigError, ScalePTError
 
@@ -133,6 +133,9 @@ class ChunkWriter:
 
     def __init__(self, path: Path, chunk: Chunk, tile_file: TileFile, kind: str, num_classes: int, attrs: dict):
         self.path, self.chunk, self.tile_file, self.kind = path, chunk, tile_file, kind
+        tiles = chunk_tiles(tile_file, chunk)
+        rows_needed = int(tile_file.tile_offsets[tiles.stop] - tile_file.tile_offsets[tiles.start])
+        ensure_free_space(path, rows_needed * (2 * num_classes + 8) + (1 << 20))  # values, index, entropy
         self._atomic = atomic_path(path)
         self._tmp = self._atomic.__enter__()
         self.h5 = h5py.File(self._tmp, "w")

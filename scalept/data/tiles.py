@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 from scipy.spatial import cKDTree
 
-from scalept.atomic import atomic_path
+from scalept.atomic import atomic_path, ensure_free_space
 from scalept.errors import ScalePTError
 
 FORMAT_VERSION = 1
@@ -115,6 +115,8 @@ def write_tile_file(path: str | os.PathLike, frames: Iterable[FrameTiles], attrs
     has_fill = bool(frames) and all(f.fill is not None for f in frames)
     if has_fill:
         fill, frame_fill_offsets = _flat([f.fill for f in frames], np.int32)
+    raw = points.nbytes + labels.nbytes + tile_indices.nbytes + (fill.nbytes if has_fill else 0)
+    ensure_free_space(path, raw + (1 << 20))  # uncompressed: an upper bound
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as h5:
             h5.create_dataset("frame_ids", data=np.array([f.frame_id for f in frames], dtype=_FRAME_ID))
@@ -281,6 +283,7 @@ def merge_tile_files(parts: Sequence[str | os.PathLike], path: str | os.PathLike
             for name in ("points", "labels", "tile_indices", "tile_frame", "frame_ids", "fill"):
                 if name in h5:
                     sizes[name] = sizes.get(name, 0) + len(h5[name])
+    ensure_free_space(path, sum(Path(p).stat().st_size for p in parts) + (1 << 20))
     flat = ["points", "labels", "tile_indices"] + (["fill"] if with_fill else [])
     offsets = {k: v for k, v in _OFFSETS.items() if with_fill or v != "fill"}
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as out:
