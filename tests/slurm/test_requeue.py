@@ -52,10 +52,12 @@ def test_signalled_training_job_is_requeued_and_resumes_from_last(cluster, tmp_p
     (record,) = cluster.wait_finished(job, timeout=60)
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", record
     log = log_path.read_text()
-    stop = re.search(r"train: stopping at step (\d+) \(SIGUSR2\)", log)
-    assert stop, log[-3000:]
+    errors = log_path.with_suffix(".err").read_text()  # warnings and errors: the job's --error file
+    stop = re.search(r"train: stopping at step (\d+) \(SIGUSR2\)", errors)
+    assert stop and "stopping at step" not in log, errors[-3000:]
     stopped_at = int(stop.group(1))
-    assert re.search(r"Caught signal SIGUSR2 on \S+: this job is preempted", log)  # submitit's handler requeues
+    # submitit's handler requeues
+    assert re.search(r"Caught signal SIGUSR2 on \S+: this job is preempted", log + errors)
     resumed = re.search(r"train: resumed \S+last\.pt at epoch \d+, step (\d+)", log)
     assert resumed and int(resumed.group(1)) == stopped_at, log[-3000:]
     after_resume = [int(s) for s in STEP_LINE.findall(log[resumed.end():])]
