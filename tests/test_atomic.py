@@ -81,3 +81,14 @@ def test_a_full_disk_is_one_line_saying_disk_and_leaves_nothing_half_written(sma
     (error,) = _error_lines(trained)
     assert "last.pt: disk full" in error and "rerun" in error
     assert not list((disk / "run" / "checkpoints").glob("*.pt")) and not list(disk.rglob(".*.tmp-*"))
+    run = tmp_path / "run"  # trained on a roomy disk; its shards go to the full one
+    trained = _launch("stage=train", *common, "model=ptv3_tiny", f"run_dir={run}", "train.max_steps=2",
+                      "train.val_every=0", "train.num_workers=0")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    (disk / "infer").mkdir()
+    (run / "infer").symlink_to(disk / "infer")
+    predicted = _launch("stage=infer", *common, "model=ptv3_tiny", f"run_dir={run}", "infer.num_workers=0")
+    assert predicted.returncode == 1, predicted.stderr[-2000:]
+    (error,) = _error_lines(predicted)
+    assert "disk full" in error and ".h5" in error
+    assert not list((disk / "infer").rglob("shard-*.h5")) and not list(disk.rglob(".*.tmp-*"))
