@@ -29,7 +29,6 @@ rerun: it is deterministic, so its files are the same each time.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -47,7 +46,8 @@ from scalept.data.tiles import TileFile, nearest_covered, tile_file_path
 from scalept.errors import ConfigError
 from scalept.infer import infer_dir, infer_sequences
 from scalept.shards import Chunk, InferenceError, plan_chunks, shard_kind, usable_chunk_file, values_name
-from scalept.metrics import accuracy, confusion_matrix, iou_per_class, mean_iou, mean_iou_present
+from scalept.metrics import (accuracy, confusion_matrix, iou_per_class, iou_table, mean_iou, mean_iou_present,
+                             save_confusion_png)
 
 log = logging.getLogger(__name__)
 
@@ -203,42 +203,6 @@ def check_shards(cfg: DictConfig) -> tuple[dict, dict[str, TileFile], dict[str, 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-
-
-def iou_table(iou: np.ndarray, miou: float, acc: float, miou_present: float | None = None) -> str:
-    """The per-class IoU as a markdown table (percent; '-' for a class absent from both sides)."""
-    lines = ["| class | IoU (%) |", "|---|---:|"]
-    lines += [f"| {name} | {'-' if np.isnan(v) else f'{100 * v:.2f}'} |" for name, v in zip(CLASS_NAMES, iou)]
-    lines += [f"| **mIoU** (all {len(iou)} classes, '-' counts 0) | **{100 * miou:.2f}** |"]
-    if miou_present is not None:
-        lines += [f"| mIoU over the {int(np.isfinite(iou).sum())} classes present | {100 * miou_present:.2f} |"]
-    lines += [f"| accuracy | {100 * acc:.2f} |"]
-    return "\n".join(lines) + "\n"
-
-
-def save_confusion_png(path: Path, confusion: np.ndarray, title: str) -> None:
-    """Row-normalised confusion matrix (rows ground truth) as a PNG, with matplotlib's Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cm = np.asarray(confusion, dtype=np.float64)
-    rows = cm.sum(1, keepdims=True)
-    normalised = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-    fig = Figure(figsize=(9, 8))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(normalised, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES, fontsize=7)
-    ax.set_xlabel("prediction")
-    ax.set_ylabel("ground truth")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the ground-truth row")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
 
 
 # --------------------------------------------------------------------------- the stage

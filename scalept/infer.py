@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from scalept.atomic import atomic_path, disk_full_error, is_disk_full, remove_stale_temporaries
+from scalept.atomic import atomic_path, remove_stale_temporaries
 from scalept.checkpoint import checkpoint_path, load_checkpoint, model_signature
 from scalept.data.batching import pack
 from scalept.data.dataset import split_sequences
 from scalept.data.semantickitti import NUM_CLASSES
 from scalept.data.tiles import TileFile, open_checked, tile_file_path
 from scalept.distributed import barrier, get_local_rank, get_rank, get_world_size
-from scalept.errors import ConfigError, ScalePTError
+from scalept.errors import ConfigError
 from scalept.shards import (Chunk, ChunkWriter, chunk_owner, chunk_tiles, plan_chunks, shard_chunks, shard_kind,
                             usable_chunk_file)
 
@@ -226,11 +226,8 @@ def _predict_chunk(writer: ChunkWriter, batches: int, loader: Iterator[dict], mo
             tiles += len(counts)
             points += len(values)
         writer.close()
-    except BaseException as err:
-        writer.abort()
-        if isinstance(err, (OSError, RuntimeError)) and not isinstance(err, ScalePTError) \
-                and is_disk_full(err, writer.path.parent):
-            raise disk_full_error(writer.path) from None
+    except BaseException:
+        writer.abort()  # idempotent: a full disk already dropped the temporary
         raise
     return tiles, points
 

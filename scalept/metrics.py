@@ -1,10 +1,15 @@
-"""Segmentation scores: one confusion matrix summed over a split, IoU per class, mIoU (docs/architecture.md)."""
+"""Segmentation scores: one confusion matrix summed over a split, IoU per class, mIoU (docs/architecture.md),
+and their report: the per-class table of iou.md and the confusion-matrix PNG."""
 from __future__ import annotations
+
+import io
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from scalept.data.semantickitti import IGNORE_INDEX
+from scalept.atomic import atomic_path
+from scalept.data.semantickitti import CLASS_NAMES, IGNORE_INDEX
 
 
 def confusion_matrix(pred, target, num_classes: int):
@@ -56,3 +61,39 @@ def accuracy(confusion, missed=None) -> float:
     cm = np.asarray(confusion.cpu() if isinstance(confusion, torch.Tensor) else confusion)
     total = cm.sum() + (0 if missed is None else int(np.sum(missed)))
     return float(np.trace(cm) / total) if total else 0.0
+
+
+def iou_table(iou: np.ndarray, miou: float, acc: float, miou_present: float | None = None) -> str:
+    """The per-class IoU as a markdown table (percent; '-' for a class absent from both sides)."""
+    lines = ["| class | IoU (%) |", "|---|---:|"]
+    lines += [f"| {name} | {'-' if np.isnan(v) else f'{100 * v:.2f}'} |" for name, v in zip(CLASS_NAMES, iou)]
+    lines += [f"| **mIoU** (all {len(iou)} classes, '-' counts 0) | **{100 * miou:.2f}** |"]
+    if miou_present is not None:
+        lines += [f"| mIoU over the {int(np.isfinite(iou).sum())} classes present | {100 * miou_present:.2f} |"]
+    lines += [f"| accuracy | {100 * acc:.2f} |"]
+    return "\n".join(lines) + "\n"
+
+
+def save_confusion_png(path: Path, confusion: np.ndarray, title: str) -> None:
+    """Row-normalised confusion matrix (rows ground truth) as a PNG, with matplotlib's Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(confusion, dtype=np.float64)
+    rows = cm.sum(1, keepdims=True)
+    normalised = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    fig = Figure(figsize=(9, 8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(normalised, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES, fontsize=7)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the ground-truth row")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())

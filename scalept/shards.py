@@ -37,6 +37,7 @@ Chunk file (HDF5)::
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from scalept.atomic import atomic_path, ensure_free_space
+from scalept.atomic import atomic_path, disk_full_error, ensure_free_space, is_disk_full
 from scalept.data.tiles import TileFile
 from scalept.errors import ConfigError, ScalePTError
 
@@ -152,16 +153,28 @@ class ChunkWriter:
         self.points = 0
         self._open = True
 
+    @contextlib.contextmanager
+    def _writing(self):
+        """The shard's HDF5 writes: a full disk becomes one line, and the temporary is dropped."""
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            if isinstance(err, ScalePTError) or not is_disk_full(err, self.path.parent):
+                raise
+            self.abort()
+            raise disk_full_error(self.path) from None
+
     def append(self, tiles: Sequence[int], point_counts: Sequence[int], point_index: np.ndarray,
                values: np.ndarray, entropy: np.ndarray | None) -> None:
         n = len(point_index)
-        for name, data in (("point_index", point_index), (values_name(self.kind), values),
-                           ("entropy", entropy)):
-            if data is None:
-                continue
-            ds = self.h5[name]
-            ds.resize(self.points + n, axis=0)
-            ds[self.points:] = data
+        with self._writing():
+            for name, data in (("point_index", point_index), (values_name(self.kind), values),
+                               ("entropy", entropy)):
+                if data is None:
+                    continue
+                ds = self.h5[name]
+                ds.resize(self.points + n, axis=0)
+                ds[self.points:] = data
         self.points += n
         self.tile_ids += [int(t) for t in tiles]
         self.tile_points += [int(c) for c in point_counts]
@@ -174,16 +187,17 @@ class ChunkWriter:
                                  f"tiles {expected[:5]}...; this is a bug")
         h5 = self.h5
         ft = self.tile_file.frame_tile_offsets[self.chunk.start : self.chunk.stop + 1]
-        h5.create_dataset("frame_ids", data=np.array(self.tile_file.frame_ids[self.chunk.start : self.chunk.stop],
-                                                     dtype=_FRAME_ID))
-        h5.create_dataset("frame_tile_offsets", data=(ft - ft[0]).astype(np.int64))
-        h5.create_dataset("tile_ids", data=np.asarray(self.tile_ids, dtype=np.int64))
-        h5.create_dataset("tile_offsets", data=np.r_[0, np.cumsum(self.tile_points, dtype=np.int64)])
-        for key, value in self.attrs.items():
-            h5.attrs[key] = value
-        h5.attrs["format_version"] = SHARD_FORMAT_VERSION
-        h5.attrs["complete"] = True
-        h5.close()
+        with self._writing():
+            h5.create_dataset("frame_ids", data=np.array(
+                self.tile_file.frame_ids[self.chunk.start : self.chunk.stop], dtype=_FRAME_ID))
+            h5.create_dataset("frame_tile_offsets", data=(ft - ft[0]).astype(np.int64))
+            h5.create_dataset("tile_ids", data=np.asarray(self.tile_ids, dtype=np.int64))
+            h5.create_dataset("tile_offsets", data=np.r_[0, np.cumsum(self.tile_points, dtype=np.int64)])
+            for key, value in self.attrs.items():
+                h5.attrs[key] = value
+            h5.attrs["format_version"] = SHARD_FORMAT_VERSION
+            h5.attrs["complete"] = True
+            h5.close()
         self._open = False
         self._atomic.__exit__(None, None, None)
 
@@ -193,7 +207,8 @@ class ChunkWriter:
             return
         self._open = False
         try:
-            self.h5.close()
+            with contextlib.suppress(OSError, RuntimeError):  # a file being dropped may fail to flush
+                self.h5.close()
         finally:
             self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
 

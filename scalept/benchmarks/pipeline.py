@@ -68,7 +68,8 @@ def _warm_up(cfg) -> None:
     feat = torch.rand(len(grid), 4, device=device)
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
         model(feat, grid, torch.tensor([len(grid)], device=device))
-    from scalept.fuse import fuse_frame, save_confusion_png
+    from scalept.fuse import fuse_frame
+    from scalept.metrics import save_confusion_png
 
     index = np.arange(1000) % 700
     fuse_frame(700, index, np.zeros((1000, NUM_CLASSES), np.float16), "logit_average")
@@ -157,6 +158,37 @@ def fusion_alone(points: int = 120_000, overlap: float = 1.3, classes: int = 19,
         torch.set_num_threads(threads)
 
 
+def print_report(results: dict, gpu: bool) -> None:
+    """The tables of :func:`main`: per strategy, then by phase, then fusion alone."""
+    print(f"\nInference + fusion, {results['data']}; model {results['model']} on {results['device']}; "
+          f"fusion {results['fusion']}")
+    header = (f"{'strategy':<11} {'frames':>6} {'tiles':>6} {'overlap':>7} {'infer s':>8} {'fuse s':>7} "
+              f"{'frames/s':>8} {'infer f/s':>9} {'fuse f/s':>8} {'fusion Mrows/s':>14}")
+    print(header)
+    print("-" * len(header))
+    for r in results["pipeline"]:
+        print(f"{r['strategy']:<11} {r['frames']:>6} {r['tiles']:>6} {r['overlap']:>7.2f} {r['infer_s']:>8.2f} "
+              f"{r['fuse_s']:>7.2f} {r['fps']:>8.2f} {r['infer_fps']:>9.2f} {r['fuse_fps']:>8.1f} "
+              f"{r['fusion_mpts_per_s'] or 0:>14.1f}")
+    if gpu:
+        print("\nGPU busy (NVML: time with a kernel running) and peak allocated memory")
+        for r in results["pipeline"]:
+            busy = {k: "-" if r[k] is None else f"{r[k]:.0%}" for k in ("gpu_busy", "gpu_busy_infer")}
+            print(f"  {r['strategy']:<11} busy {busy['gpu_busy']:>4} end to end, {busy['gpu_busy_infer']:>4} in "
+                  f"inference; peak {r['peak_allocated_gib']:.2f} GiB")
+    print("\ninfer seconds by phase (read: waiting for the loader; predict: model + copy to host; write: HDF5)")
+    for r in results["pipeline"]:
+        print(f"  {r['strategy']:<11} " + "  ".join(f"{k} {v:6.2f}" for k, v in r["infer_phase_s"].items()))
+    print("fuse seconds by phase")
+    for r in results["pipeline"]:
+        print(f"  {r['strategy']:<11} " + "  ".join(f"{k} {v:6.2f}" for k, v in r["fuse_phase_s"].items()))
+    fa = results["fusion_alone"]
+    print(f"\nFusion alone, one core: {fa['points']} points, {fa['rows']} tile-point rows, {fa['classes']} classes")
+    for name, r in fa["methods"].items():
+        rows = f"{r['mrows_per_s']:6.1f} M rows/s" if r["mrows_per_s"] else " " * 15
+        print(f"  {name:<28} {rows}  {r['mpoints_per_s']:6.1f} M points/s  {r['ms']:6.1f} ms")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real", default=os.environ.get("SCALEPT_REAL_DATA"), help="real SemanticKITTI root")
@@ -204,32 +236,7 @@ def main(argv=None) -> dict:
             print(f"  {strategy:<11} {row['fps']:7.2f} frames/s", flush=True)
     results["fusion_alone"] = fusion_alone()
 
-    print(f"\nInference + fusion, {results['data']}; model {model} on {results['device']}; fusion {args.fusion}")
-    header = (f"{'strategy':<11} {'frames':>6} {'tiles':>6} {'overlap':>7} {'infer s':>8} {'fuse s':>7} "
-              f"{'frames/s':>8} {'infer f/s':>9} {'fuse f/s':>8} {'fusion Mrows/s':>14}")
-    print(header)
-    print("-" * len(header))
-    for r in results["pipeline"]:
-        print(f"{r['strategy']:<11} {r['frames']:>6} {r['tiles']:>6} {r['overlap']:>7.2f} {r['infer_s']:>8.2f} "
-              f"{r['fuse_s']:>7.2f} {r['fps']:>8.2f} {r['infer_fps']:>9.2f} {r['fuse_fps']:>8.1f} "
-              f"{r['fusion_mpts_per_s'] or 0:>14.1f}")
-    if gpu:
-        print("\nGPU busy (NVML: time with a kernel running) and peak allocated memory")
-        for r in results["pipeline"]:
-            busy = {k: "-" if r[k] is None else f"{r[k]:.0%}" for k in ("gpu_busy", "gpu_busy_infer")}
-            print(f"  {r['strategy']:<11} busy {busy['gpu_busy']:>4} end to end, {busy['gpu_busy_infer']:>4} in "
-                  f"inference; peak {r['peak_allocated_gib']:.2f} GiB")
-    print("\ninfer seconds by phase (read: waiting for the loader; predict: model + copy to host; write: HDF5)")
-    for r in results["pipeline"]:
-        print(f"  {r['strategy']:<11} " + "  ".join(f"{k} {v:6.2f}" for k, v in r["infer_phase_s"].items()))
-    print("fuse seconds by phase")
-    for r in results["pipeline"]:
-        print(f"  {r['strategy']:<11} " + "  ".join(f"{k} {v:6.2f}" for k, v in r["fuse_phase_s"].items()))
-    fa = results["fusion_alone"]
-    print(f"\nFusion alone, one core: {fa['points']} points, {fa['rows']} tile-point rows, {fa['classes']} classes")
-    for name, r in fa["methods"].items():
-        rows = f"{r['mrows_per_s']:6.1f} M rows/s" if r["mrows_per_s"] else " " * 15
-        print(f"  {name:<28} {rows}  {r['mpoints_per_s']:6.1f} M points/s  {r['ms']:6.1f} ms")
+    print_report(results, gpu)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwritten to {args.json}")
