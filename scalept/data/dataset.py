@@ -72,7 +72,6 @@ class TileDataset(Dataset):
         self.grid_size = float(grid_size)
         self.augmentation = augmentation
         self.seed = seed
-        self.epoch = 0
         if tiles is None:
             tiles = [(f, t) for f, tile_file in enumerate(self.files) for t in range(tile_file.num_tiles)]
         self.index = list(tiles)
@@ -80,13 +79,11 @@ class TileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Augmentations are a function of (seed, epoch, item), so a resumed run draws the same ones."""
-        self.epoch = epoch
-
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, np.ndarray | int]:
-        """Sample ``key``: an item, or (item, epoch) from a batch sampler that tells persistent workers the epoch."""
-        item, epoch = key if isinstance(key, tuple) else (key, self.epoch)
+        """Sample ``key``: an item (epoch 0), or (item, epoch) from a batch sampler, so that persistent
+        workers know the epoch. Augmentations are a function of (seed, epoch, item): a resumed run
+        draws the same ones."""
+        item, epoch = key if isinstance(key, tuple) else (key, 0)
         file_index, tile = self.index[item]
         points, labels, point_index = self.files[file_index].tile(tile)
         rng = None
