@@ -79,6 +79,7 @@ RULES: dict[str, Rule] = {
     "optim.final_div_factor": POSITIVE,
     "infer.batch_points": COUNT, "infer.num_workers": NON_NEGATIVE_INT, "infer.checkpoint": one_of("best", "last"),
     "infer.frames_per_chunk": COUNT, "infer.device": DEVICE, "infer.amp": FLAG,
+    "fuse.device": DEVICE,
     "fusion.name": one_of("logit_average", "softmax_average", "mc_uncertainty"), "fusion.mc_passes": COUNT,
     "fusion.weighting": one_of("entropy", "lowest"), "fusion.temperature": POSITIVE,
 }

@@ -71,7 +71,7 @@ def file_digest(path: str | os.PathLike) -> str:
 
 def load_model(cfg: DictConfig, device: torch.device):
     """The model of ``<run_dir>/checkpoints/<infer.checkpoint>.pt``, its grid size and the file's digest."""
-    from scalept.model import build_model
+    from scalept.model import build_model, cast_for_inference
 
     path = checkpoint_path(cfg.run_dir, str(cfg.infer.checkpoint))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -79,7 +79,7 @@ def load_model(cfg: DictConfig, device: torch.device):
     state = load_checkpoint(path, signature)
     model = build_model(state.get("model_cfg", model_cfg), int(state.get("num_classes", NUM_CLASSES)))
     model.load_state_dict(state["model"])
-    model.to(device).eval()
+    cast_for_inference(model.to(device).eval(), device.type, bool(cfg.infer.get("amp", True)))
     return model, float(state.get("grid_size", cfg.train.grid_size)), file_digest(path)
 
 

@@ -7,6 +7,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from inference_helpers import base_overrides, compose, prepare_tiles, save_random_checkpoint
 from scalept import fuse, infer
@@ -178,6 +179,31 @@ def test_fill_map_gives_what_the_nearest_neighbour_search_gives(inferred, tmp_pa
     searched, searched_files = outputs()
     assert gathered["num_filled"] > 0 and gathered["num_filled"] == searched["num_filled"]
     assert gathered_files == searched_files and gathered["miou"] == searched["miou"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("fusion", ["logit_average", "softmax_average", "mc_uncertainty"])
+def test_fusion_on_the_gpu_writes_what_the_cpu_writes(inferred, tmp_path, fusion):
+    root = _copy(inferred, tmp_path)
+    extra = [f"fusion={fusion}"] + (["fusion.mc_passes=2"] if fusion == "mc_uncertainty" else [])
+    if fusion == "softmax_average":
+        infer.run(compose(*base_overrides(root), *extra))
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        cfg = compose(*base_overrides(root), *extra, f"fuse.device={device}")
+        metrics = fuse.run(cfg)
+        out = infer.infer_dir(cfg) / "sequences" / "08"
+        labels = {p.name: read_labels(p) for p in sorted(out.glob("predictions/*.label"))}
+        entropy = {p.name: np.load(p) for p in sorted(out.glob("entropy/*.npy"))}
+        outputs[device] = metrics, labels, entropy
+    (cpu_metrics, cpu_labels, cpu_entropy), (gpu_metrics, gpu_labels, gpu_entropy) = outputs["cpu"], outputs["cuda"]
+    assert cpu_labels.keys() == gpu_labels.keys() and len(cpu_labels) == 3
+    for name in cpu_labels:
+        np.testing.assert_array_equal(gpu_labels[name], cpu_labels[name])
+    for name in cpu_entropy:  # float16 files: equal up to the last bit of a different summation order
+        np.testing.assert_allclose(gpu_entropy[name], cpu_entropy[name], rtol=2e-3, atol=1e-4, equal_nan=True)
+    assert gpu_metrics["confusion"] == cpu_metrics["confusion"] and gpu_metrics["miou"] == cpu_metrics["miou"]
 
 
 def test_a_fill_map_that_disagrees_with_the_shards_is_a_one_line_error(inferred, tmp_path):

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from scipy.spatial import cKDTree
 
 from scalept.data import semantickitti as kitti
-from scalept.model import build_model, inference_autocast
+from scalept.model import build_model, cast_for_inference, inference_autocast
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 GRID_SIZE = 0.05
@@ -106,7 +106,7 @@ def run_case(model, batches: list, mode: str, args, device: torch.device) -> dic
     turn = itertools.cycle(batches)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
     if mode == "train":
-        model.train()
+        model.float().train()  # undoes cast_for_inference of an earlier inference case
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=5e-3)
 
         def step():
@@ -119,8 +119,9 @@ def run_case(model, batches: list, mode: str, args, device: torch.device) -> dic
 
     else:
         model.eval()
-        if not args.cast_cache:  # what stage=infer does
+        if not args.cast_cache:  # what stage=infer does: weights stored in bf16/fp16, no cache of cast copies
             amp = inference_autocast(device.type, enabled=args.amp)
+            cast_for_inference(model, device.type, args.amp)
 
         def step():
             feat, grid, offsets, _ = (t.to(device, non_blocking=True) for t in next(turn))

@@ -60,13 +60,13 @@ def _save_checkpoint(cfg) -> None:
 def _warm_up(cfg) -> None:
     """One forward pass first: the first call of a process pays for kernel set-up, not for inference."""
     from scalept.data.semantickitti import NUM_CLASSES
-    from scalept.model import build_model
+    from scalept.model import build_model, cast_for_inference, inference_autocast
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg.model, NUM_CLASSES).to(device).eval()
+    model = cast_for_inference(build_model(cfg.model, NUM_CLASSES).to(device).eval(), device.type, True)
     grid = torch.unique(torch.randint(0, 200, (20000, 3)), dim=0).int().to(device)
     feat = torch.rand(len(grid), 4, device=device)
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.inference_mode(), inference_autocast(device.type, enabled=device.type == "cuda"):
         model(feat, grid, torch.tensor([len(grid)], device=device))
     from scalept.fuse import fuse_frame
     from scalept.metrics import save_confusion_png

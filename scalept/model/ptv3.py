@@ -160,6 +160,24 @@ def inference_autocast(device_type: str, enabled: bool = True) -> torch.autocast
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
+def cast_for_inference(model: PTv3, device_type: str, amp: bool) -> PTv3:
+    """Store the weights in the precision that bf16 inference computes in, in place; returns the model.
+
+    Under :func:`inference_autocast` every Linear casts its weight and bias to bf16 and every sparse
+    convolution its weight to fp16 at each call, so holding them in those types gives the same
+    outputs from about half the weight memory. Norm layers keep fp32, as autocast computes them.
+    Without autocast on a GPU (``amp`` off, or the CPU) nothing changes. ``model.float()`` undoes it.
+    """
+    if not (amp and device_type == "cuda"):
+        return model
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.to(torch.bfloat16)
+        elif isinstance(module, SubMConv):
+            module.conv.to(torch.float16)
+    return model
+
+
 _CONFIG_KEYS = {
     "in_channels", "orders", "shuffle_orders", "stem_kernel", "enc_depths", "enc_channels", "enc_heads",
     "enc_patch_size", "dec_depths", "dec_channels", "dec_heads", "dec_patch_size", "mlp_ratio", "qkv_bias",

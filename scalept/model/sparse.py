@@ -17,7 +17,8 @@ class SubMConv(nn.Module):
     selected whenever the features are on the CPU (the weight layout is the same
     for every algorithm). Under autocast spconv casts to fp16 by itself only in
     training; at inference bf16 features meeting fp32 weights find no kernel, so
-    the convolution then runs explicitly in fp16 on GPU (fp32 on CPU).
+    the convolution then runs explicitly in fp16 on GPU (fp32 on CPU), from weights cast per call
+    unless :func:`scalept.model.cast_for_inference` stored them in fp16 once.
     Convolutions sharing ``indice_key`` on one level share one rulebook. The
     bias is added outside spconv, whose CPU inference kernels take none.
     """
@@ -34,12 +35,16 @@ class SubMConv(nn.Module):
         x = spconv.SparseConvTensor(
             feat, level.indices, level.spatial_shape, level.batch_size, indice_dict=level.indice_dict
         )
-        if not torch.is_autocast_enabled(device) or (device == "cuda" and self.training):
+        autocast = torch.is_autocast_enabled(device)
+        weight = self.conv.weight
+        if autocast and device == "cuda" and self.training:
             out = self.conv(x)
         else:
-            dtype = torch.float16 if device == "cuda" else torch.float32
+            dtype = (torch.float16 if device == "cuda" else torch.float32) if autocast else feat.dtype
             with torch.autocast(device, enabled=False):
-                weight = {"weight": self.conv.weight.to(dtype)}
-                out = functional_call(self.conv, weight, (x.replace_feature(feat.to(dtype)),))
+                x = x.replace_feature(feat.to(dtype))
+                # weights stored in fp16 for inference (cast_for_inference) are used as they are
+                out = self.conv(x) if weight.dtype == dtype else \
+                    functional_call(self.conv, {"weight": weight.to(dtype)}, (x,))
         level.indice_dict = out.indice_dict
         return out.features if self.bias is None else out.features + self.bias

@@ -137,3 +137,41 @@ def test_bf16_autocast(make_model, cloud, batch_of, device):
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in model.parameters())
     assert (out.float() - ref).abs().mean() < 0.02 * ref.abs().mean()
+
+
+def test_inference_path_gives_the_forward_values(make_model, cloud, batch_of, monkeypatch):
+    """Without autograd, blocks update their input in place and run the MLP in slices of points: same
+    logits as the graph-building forward, and the caller's tensors (skips) are left alone."""
+    from scalept.model import blocks
+
+    model = make_model().eval()
+    batch = batch_of(cloud(1200, 20), cloud(300, 21))
+    with torch.enable_grad():
+        ref = model(*batch).detach()
+    monkeypatch.setattr(blocks, "MLP_ROWS", 97)  # slices, and a last short one, at every level
+    with torch.no_grad():
+        torch.testing.assert_close(model(*batch), ref, atol=1e-5, rtol=1e-5)
+        block = model.encoder[0][0]
+        from scalept.model.points import first_level
+
+        x = torch.randn(len(batch[0]), block.norm1.normalized_shape[0])
+        before = x.clone()
+        block(x, first_level(batch[1], batch[2], model.orders))
+        torch.testing.assert_close(x, before, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_weights_cast_for_inference_give_the_same_logits(make_model, cloud, batch_of):
+    """Linear weights held in bf16 and sparse-conv weights in fp16 compute what autocast computed from fp32."""
+    from scalept.model import cast_for_inference, inference_autocast
+
+    model = make_model().cuda().eval()
+    batch = [t.cuda() for t in batch_of(cloud(1500, 22), cloud(400, 23))]
+    with torch.no_grad(), inference_autocast("cuda"):
+        ref = model(*batch).float()
+        fp32_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        cast_for_inference(model, "cuda", amp=True)
+        out = model(*batch).float()
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) < 0.6 * fp32_bytes
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
