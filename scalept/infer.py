@@ -95,11 +95,13 @@ def _device(cfg: DictConfig) -> torch.device:
 
 
 def predict_batch(model, batch: Mapping[str, torch.Tensor], device: torch.device, kind: str, passes: int,
-                  amp: bool) -> tuple[np.ndarray, np.ndarray | None]:
+                  amp: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per tile point of the batch: mean logits ('logits'), mean probabilities ('probs'), or mean
     probabilities and their entropy ('mc').
 
-    Returns float16 (P, C) values and, for 'mc', float32 (P,) entropy, on the host.
+    Returns float16 (P, C) values and, for 'mc', float32 (P,) entropy, in host memory. From a GPU
+    they are still being copied when this returns: synchronize the stream (or an event recorded
+    after the call) before reading them, which lets the caller write the previous batch meanwhile.
     """
     from scalept.model import inference_autocast, stochastic_inference
 
@@ -125,9 +127,16 @@ def predict_batch(model, batch: Mapping[str, torch.Tensor], device: torch.device
         per_point = mean[inverse]
         entropy = None
         if kind == "mc":
-            entropy = -(per_point * torch.log(per_point.clamp_min(1e-12))).sum(1)
-            entropy = entropy.cpu().numpy()
-        return per_point.half().cpu().numpy(), entropy
+            entropy = _to_host(-(per_point * torch.log(per_point.clamp_min(1e-12))).sum(1))
+        return _to_host(per_point.half()), entropy
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """An asynchronous copy into pinned host memory (the tensor itself on the CPU)."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -208,23 +217,45 @@ def _split_done(out_dir: Path, mine: Sequence[Chunk], tile_files: Mapping[str, T
 
 def _predict_chunk(writer: ChunkWriter, batches: int, loader: Iterator[dict], model, device: torch.device,
                    kind: str, passes: int, amp: bool, phase_s: dict) -> tuple[int, int]:
-    """The chunk's batches through the model into its shard file; (tiles, tile points) written."""
+    """The chunk's batches through the model into its shard file; (tiles, tile points) written.
+
+    One batch in flight: batch k's outputs are copied to the host while batch k-1's are written
+    and batch k+1 is fetched, so the GPU's tail of a pass overlaps HDF5 and the loader.
+    """
     tiles = points = 0
+    pending = None
+
+    def write(done) -> None:
+        nonlocal tiles, points
+        batch, values, entropy, copied = done
+        t0 = time.perf_counter()
+        if copied is not None:
+            copied.synchronize()
+        t1 = time.perf_counter()
+        counts = np.diff(np.r_[0, batch["point_offsets"].numpy()])
+        writer.append(batch["tile"].tolist(), counts, batch["point_index"].numpy().astype(np.int32), values.numpy(),
+                      None if entropy is None else entropy.numpy())
+        phase_s["predict"] += t1 - t0
+        phase_s["write"] += time.perf_counter() - t1
+        tiles += len(counts)
+        points += len(values)
+
     try:
         for _ in range(batches):
             t0 = time.perf_counter()
             batch = next(loader)
             t1 = time.perf_counter()
             values, entropy = predict_batch(model, batch, device, kind, passes, amp)
-            t2 = time.perf_counter()
-            counts = np.diff(np.r_[0, batch["point_offsets"].numpy()])
-            writer.append(batch["tile"].tolist(), counts, batch["point_index"].numpy().astype(np.int32), values,
-                          entropy)
+            copied = torch.cuda.Event() if device.type == "cuda" else None
+            if copied is not None:
+                copied.record()
             phase_s["read"] += t1 - t0
-            phase_s["predict"] += t2 - t1
-            phase_s["write"] += time.perf_counter() - t2
-            tiles += len(counts)
-            points += len(values)
+            phase_s["predict"] += time.perf_counter() - t1
+            if pending is not None:
+                write(pending)
+            pending = batch, values, entropy, copied
+        if pending is not None:
+            write(pending)
         writer.close()
     except BaseException:
         writer.abort()  # idempotent: a full disk already dropped the temporary
@@ -260,9 +291,11 @@ def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None)
     batches, per_chunk = _batches(tile_files, todo, budget)
     amp = bool(cfg.infer.get("amp", True))
     tiles = points = frames = 0
-    phase_s = {"read": 0.0, "predict": 0.0, "write": 0.0}  # where the time goes: loader wait, model + copy, HDF5
+    # where the time goes: checks, model and loader start; loader wait, model + copy, HDF5
+    phase_s = {"setup": 0.0, "read": 0.0, "predict": 0.0, "write": 0.0}
     loader = _loader(paths, pairs, batches, grid_size, int(cfg.infer.num_workers), device.type == "cuda") \
         if pairs else None
+    phase_s["setup"] = time.perf_counter() - started
     for chunk, n_batches in zip(todo, per_chunk):
         torch.manual_seed(_chunk_seed(int(cfg.seed), chunk))
         writer = ChunkWriter(out_dir / chunk.file_name(rank), chunk, tile_files[chunk.sequence], kind,

@@ -16,9 +16,10 @@ from scalept.model.sparse import SubMConv
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-# Points per MLP call at inference: its hidden layer (4x the channels, twice: Linear and GELU)
-# would otherwise be the largest tensor of a pass.
-MLP_ROWS = 1 << 16
+# Rows per MLP call and per group of attention patches at inference, without autograd: the MLP's
+# hidden layer (4x the channels, twice: Linear and GELU) and the gathered, padded q, k, v would
+# otherwise be the largest tensors of a pass.
+INFERENCE_ROWS = 1 << 16
 
 
 class Stochastic(nn.Module):
@@ -81,8 +82,10 @@ class PatchAttention(Stochastic):
 
     def forward(self, x: torch.Tensor, level: Level) -> torch.Tensor:
         p = level.patches(self.patch_size, self.order)
-        qkv = self.qkv(x)[p.gather]
         split = p.full * p.size
+        if not torch.is_grad_enabled() and not self.random and split > INFERENCE_ROWS:
+            return self.proj(self._padded_in_groups(self.qkv(x), p)[p.scatter])
+        qkv = self.qkv(x)[p.gather]
         parts = []
         if p.full:
             parts.append(self._attend(qkv[:split], p.size, None))
@@ -90,6 +93,20 @@ class PatchAttention(Stochastic):
             parts.append(self._attend(qkv[split:], p.small_len, p.mask))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return self.proj(out[p.scatter])
+
+    def _padded_in_groups(self, qkv: torch.Tensor, p) -> torch.Tensor:
+        """The padded attention output, about :data:`INFERENCE_ROWS` rows of patches at a time: each
+        patch attends only within itself, so the groups give the same rows while the gathered q, k, v
+        and the attention's own buffers stay group-sized."""
+        split = p.full * p.size
+        out = qkv.new_empty((len(p.gather), qkv.shape[1] // 3))
+        step = max(1, INFERENCE_ROWS // p.size) * p.size
+        for start in range(0, split, step):
+            rows = slice(start, min(start + step, split))
+            out[rows] = self._attend(qkv[p.gather[rows]], p.size, None)
+        if p.small:
+            out[split:] = self._attend(qkv[p.gather[split:]], p.small_len, p.mask)
+        return out
 
 
 class Block(nn.Module):
@@ -131,14 +148,14 @@ class Block(nn.Module):
     def _forward_inference(self, x: torch.Tensor, level: Level) -> torch.Tensor:
         """The same values as training's forward at a lower peak: with nothing kept for a backward pass,
         the residual stream is updated in place, and the MLP (4x wider than the stream) runs over
-        :data:`MLP_ROWS` points at a time when no random mask is drawn (an MC pass draws its masks
+        :data:`INFERENCE_ROWS` points at a time when no random mask is drawn (an MC pass draws its masks
         over all points at once, as training does)."""
         x = x + self.cpe(self.cpe_conv(x, level))  # a new tensor: the caller's input (a skip) stays intact
         x += self.drop_path(self.attn_drop(self.attn(self.norm1(x), level)))
-        if self.drop_path.random or len(x) <= MLP_ROWS:
+        if self.drop_path.random or len(x) <= INFERENCE_ROWS:
             x += self.drop_path(self.mlp(self.norm2(x)))
             return x
-        for start in range(0, len(x), MLP_ROWS):
-            rows = x[start : start + MLP_ROWS]
+        for start in range(0, len(x), INFERENCE_ROWS):
+            rows = x[start : start + INFERENCE_ROWS]
             rows += self.mlp(self.norm2(rows))
         return x

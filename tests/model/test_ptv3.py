@@ -140,15 +140,16 @@ def test_bf16_autocast(make_model, cloud, batch_of, device):
 
 
 def test_inference_path_gives_the_forward_values(make_model, cloud, batch_of, monkeypatch):
-    """Without autograd, blocks update their input in place and run the MLP in slices of points: same
-    logits as the graph-building forward, and the caller's tensors (skips) are left alone."""
+    """Without autograd, blocks update their input in place and run the MLP in slices of points and the
+    attention in groups of patches: same logits as the graph-building forward, and the caller's
+    tensors (skips) are left alone."""
     from scalept.model import blocks
 
     model = make_model().eval()
     batch = batch_of(cloud(1200, 20), cloud(300, 21))
     with torch.enable_grad():
         ref = model(*batch).detach()
-    monkeypatch.setattr(blocks, "MLP_ROWS", 97)  # slices, and a last short one, at every level
+    monkeypatch.setattr(blocks, "INFERENCE_ROWS", 97)  # slices, and a last short one, at every level
     with torch.no_grad():
         torch.testing.assert_close(model(*batch), ref, atol=1e-5, rtol=1e-5)
         block = model.encoder[0][0]
