@@ -84,7 +84,7 @@ class PatchAttention(Stochastic):
         p = level.patches(self.patch_size, self.order)
         split = p.full * p.size
         if not torch.is_grad_enabled() and not self.random and split > INFERENCE_ROWS:
-            return self.proj(self._padded_in_groups(self.qkv(x), p)[p.scatter])
+            return self.proj(self._padded_in_groups(x, p)[p.scatter])
         qkv = self.qkv(x)[p.gather]
         parts = []
         if p.full:
@@ -94,18 +94,21 @@ class PatchAttention(Stochastic):
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return self.proj(out[p.scatter])
 
-    def _padded_in_groups(self, qkv: torch.Tensor, p) -> torch.Tensor:
+    def _padded_in_groups(self, x: torch.Tensor, p) -> torch.Tensor:
         """The padded attention output, about :data:`INFERENCE_ROWS` rows of patches at a time: each
-        patch attends only within itself, so the groups give the same rows while the gathered q, k, v
-        and the attention's own buffers stay group-sized."""
+        patch attends only within itself, so the groups give the same rows while q, k, v (computed
+        per group from the gathered rows) and the attention's own buffers stay group-sized."""
         split = p.full * p.size
-        out = qkv.new_empty((len(p.gather), qkv.shape[1] // 3))
+        out = None
         step = max(1, INFERENCE_ROWS // p.size) * p.size
-        for start in range(0, split, step):
-            rows = slice(start, min(start + step, split))
-            out[rows] = self._attend(qkv[p.gather[rows]], p.size, None)
+        groups = [(slice(start, min(start + step, split)), p.size, None) for start in range(0, split, step)]
         if p.small:
-            out[split:] = self._attend(qkv[p.gather[split:]], p.small_len, p.mask)
+            groups.append((slice(split, len(p.gather)), p.small_len, p.mask))
+        for rows, length, mask in groups:
+            part = self._attend(self.qkv(x[p.gather[rows]]), length, mask)
+            if out is None:
+                out = part.new_empty((len(p.gather), part.shape[1]))
+            out[rows] = part
         return out
 
 
@@ -147,10 +150,11 @@ class Block(nn.Module):
 
     def _forward_inference(self, x: torch.Tensor, level: Level) -> torch.Tensor:
         """The same values as training's forward at a lower peak: with nothing kept for a backward pass,
-        the residual stream is updated in place, and the MLP (4x wider than the stream) runs over
-        :data:`INFERENCE_ROWS` points at a time when no random mask is drawn (an MC pass draws its masks
-        over all points at once, as training does)."""
-        x = x + self.cpe(self.cpe_conv(x, level))  # a new tensor: the caller's input (a skip) stays intact
+        the residual stream ``x`` is updated in place (the caller must own it: PTv3 passes each block
+        the previous block's output, or a fresh pooled, unpooled or stem output, never a skip), and
+        the MLP (4x wider than the stream) runs over :data:`INFERENCE_ROWS` points at a time when no
+        random mask is drawn (an MC pass draws its masks over all points at once, as training does)."""
+        x += self.cpe(self.cpe_conv(x, level))
         x += self.drop_path(self.attn_drop(self.attn(self.norm1(x), level)))
         if self.drop_path.random or len(x) <= INFERENCE_ROWS:
             x += self.drop_path(self.mlp(self.norm2(x)))
