@@ -160,7 +160,7 @@ def _num(value, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
 
 
 def comparison_table(runs: list[Run]) -> str:
-    head = ["sampling", "fusion", "nodes", "mIoU (%)", "accuracy (%)", "train points/s", "peak GPU mem (GB)",
+    head = ["sampling", "fusion", "nodes", "mIoU (%)", "accuracy (%)", "train voxels/s", "peak GPU mem (GB)",
             "peak RSS (GB)"] + [f"{s} (s)" for s in STAGES] + ["fusion frames/s", "status"]
     lines = ["# ScalePT sweep comparison", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
@@ -168,7 +168,7 @@ def comparison_table(runs: list[Run]) -> str:
         secs = r.stage_seconds()
         status = "ok" if not r.missing else "missing " + ", ".join(r.missing)
         cells = [r.sampling, r.fusion, "—" if r.nodes is None else str(r.nodes), _num(f.get("miou"), 100),
-                 _num(f.get("accuracy"), 100), _num(t.get("points_per_s"), fmt="{:,.0f}"),
+                 _num(f.get("accuracy"), 100), _num(t.get("voxels_per_s", t.get("points_per_s")), fmt="{:,.0f}"),
                  _num(t.get("peak_gpu_mem_gb")), _num(t.get("peak_rss_gb"))]
         cells += [_num(secs[s], fmt="{:.1f}") for s in STAGES] + [_num(f.get("frames_per_s")), status]
         lines.append("| " + " | ".join(cells) + " |")
@@ -244,7 +244,7 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     if trained:
         node_counts = sorted({n for _, n in trained}, key=lambda n: n or 0)
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 2.5 * len(strategies)), 4))
-        panels = ((ax1, "points_per_s", "training points/s"), (ax2, "peak_gpu_mem_gb", "peak GPU memory (GB)"))
+        panels = ((ax1, "voxels_per_s", "training voxels/s"), (ax2, "peak_gpu_mem_gb", "peak GPU memory (GB)"))
         for ax, key, ylabel in panels:
             series = {}
             for n in node_counts:
@@ -272,12 +272,13 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     if several_nodes and any(n is not None for _, n in trained):
         fig, ax = plt.subplots(figsize=(5, 4))
         for s in strategies:
-            pts = sorted((n, _val(t.get("points_per_s"))) for (s2, n), t in trained.items() if s2 == s and n)
+            pts = sorted((n, _val(t.get("voxels_per_s", t.get("points_per_s"))))
+                         for (s2, n), t in trained.items() if s2 == s and n)
             if pts:
                 ax.plot([n for n, _ in pts], [v for _, v in pts], marker="o", label=s)
         ax.set_xlabel("nodes")
         ax.set_xticks(sorted({n for _, n in trained if n}))  # whole node counts only
-        ax.set_ylabel("training points/s")
+        ax.set_ylabel("training voxels/s")
         ax.set_title("Scaling with node count")
         ax.legend(fontsize=8)
         save(fig, "scaling.png")

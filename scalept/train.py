@@ -264,7 +264,8 @@ class Trainer:
         if stop_at is not None and self.step >= int(stop_at):
             self.stop.request(f"train.stop_at_step={stop_at}")
         stopping = dist_env.any_rank(self.stop.requested)
-        if stopping or self.step % self.reporter.log_every == 0 or self.step >= self.total_steps:
+        first = self.step == self.reporter.start_step + 1  # the first line comes after one step, not log_every
+        if stopping or first or self.step % self.reporter.log_every == 0 or self.step >= self.total_steps:
             self.steps_log.flush(self.step, self.step_lr, self.epoch)
         if not stopping:
             return False
@@ -300,7 +301,7 @@ class Trainer:
         metrics = {
             "steps": self.step, "epochs": self.epoch, "total_steps": self.total_steps, "final_loss": log_.last_loss,
             "best_val_miou": self.best_miou if self.best_miou > float("-inf") else None,
-            "points_per_s": log_.total_voxels * env.world_size / log_.train_seconds if log_.train_seconds else None,
+            "voxels_per_s": log_.total_voxels * env.world_size / log_.train_seconds if log_.train_seconds else None,
             "voxels_seen_per_rank": log_.total_voxels, "peak_gpu_mem_gb": peak_gpu_mem_gb(self.device),
             "peak_rss_gb": peak_rss_gb(), "seconds": time.perf_counter() - self.started,
             "world_size": env.world_size, "step_voxels": self.step_voxels, "micro_batches_per_step": self.data.accum,

@@ -15,7 +15,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def _train(points_per_s: float, gpu_gb: float, seconds: float, world_size: int) -> dict:
     return {"steps": 2000, "epochs": 10, "total_steps": 2000, "final_loss": 0.41, "best_val_miou": 0.52,
-            "points_per_s": points_per_s, "voxels_seen_per_rank": 61_000_000, "peak_gpu_mem_gb": gpu_gb,
+            "voxels_per_s": points_per_s, "voxels_seen_per_rank": 61_000_000, "peak_gpu_mem_gb": gpu_gb,
             "peak_rss_gb": 9.8, "seconds": seconds, "world_size": world_size, "step_voxels": 8_000_000,
             "lr": 0.002, "preempted": False, "device": "cuda:0"}
 

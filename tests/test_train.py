@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import signal
 import socket
 
@@ -60,9 +62,9 @@ def test_loss_decreases_and_files_are_written(data_dir, tmp_path):
     assert len(losses) == 24 and result["steps"] == 24
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:3]), losses
     saved = json.loads((tmp_path / "train_metrics.json").read_text())
-    for key in ("steps", "epochs", "final_loss", "best_val_miou", "points_per_s", "peak_rss_gb", "seconds"):
+    for key in ("steps", "epochs", "final_loss", "best_val_miou", "voxels_per_s", "peak_rss_gb", "seconds"):
         assert key in saved
-    assert saved["points_per_s"] > 0 and saved["final_loss"] == pytest.approx(losses[-1])
+    assert saved["voxels_per_s"] > 0 and saved["final_loss"] == pytest.approx(losses[-1])
     # without validation, best.pt is the final model
     assert load_checkpoint(checkpoint_path(tmp_path, "best"))["finished"]
 
@@ -185,7 +187,7 @@ def test_tensorboard_has_the_scalars_images_and_hparams(uninterrupted):
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/points_per_s", "val/mIoU"} <= scalars
+    assert {"train/loss", "train/lr", "train/voxels_per_s", "val/mIoU"} <= scalars
     assert any(tag.startswith("val/IoU/") for tag in scalars)
     assert "train/gpu_mem_gb" not in scalars  # CPU run
     assert "val/confusion" in events.Tags()["images"]
@@ -265,3 +267,15 @@ def test_training_on_sequences_without_labels_is_refused(real_root, tmp_path, co
     launch.preprocess(cfg)
     with pytest.raises(ScalePTError, match=rf"dataset.splits.train has sequences without labels \({unlabelled[0]}:"):
         train.run(cfg)
+
+
+def test_progress_lines_carry_the_total_and_an_eta(data_dir, tmp_path, caplog):
+    """Redirected output (a Slurm log) gets a line after the first step and then every log_every steps,
+    each with step N/M, the share done and the time left."""
+    cfg = compose_tiny(data_dir, tmp_path, "train.max_steps=6", "train.val_every=0", "train.log_every=4")
+    with caplog.at_level(logging.INFO, logger="scalept.train"):
+        train.run(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1/6", "4/6", "6/6"], lines
+    assert all(re.search(r"\(\d+%\) epoch \d+ loss [\d.]+ .* voxels/s, ETA \d+m\d\ds$", line) for line in lines), lines
+    assert lines[-1].endswith("ETA 0m00s")

@@ -1,6 +1,8 @@
 """Submanifold sparse convolution (spconv) usable on CPU, on GPU and under autocast."""
 from __future__ import annotations
 
+import logging
+
 import spconv.pytorch as spconv
 import torch
 from spconv.core import ConvAlgo
@@ -8,6 +10,17 @@ from torch import nn
 from torch.func import functional_call
 
 from scalept.model.points import Level
+
+
+class _HideFxTracingNotice(logging.Filter):
+    """spconv asks torch whether fx is tracing on every convolution; torch >= 2.9 answers with a
+    deprecation notice addressed to spconv's authors (not to ScalePT's users) at every start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("is_fx_tracing will return true")
+
+
+logging.getLogger("torch.fx._symbolic_trace").addFilter(_HideFxTracingNotice())
 
 
 class SubMConv(nn.Module):

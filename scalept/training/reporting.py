@@ -32,6 +32,7 @@ class Reporter:
 
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, log_every: int):
         self.enabled, self.log_every = enabled, max(1, int(log_every))
+        self.total_steps, self.start_step, self.started = total_steps, start_step, time.monotonic()
         self.writer = None
         self.bar = None
         if not enabled:
@@ -44,7 +45,16 @@ class Reporter:
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
-    def steps(self, first_step: int, losses: Sequence[float], lr: float, points_per_s: float,
+    def eta(self, step: int) -> str:
+        """Time left at the mean pace of this run's steps so far, e.g. '12m05s'."""
+        done = step - self.start_step
+        if done <= 0:
+            return "?"
+        seconds = (time.monotonic() - self.started) / done * max(0, self.total_steps - step)
+        hours, rest = divmod(int(seconds), 3600)
+        return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+    def steps(self, first_step: int, losses: Sequence[float], lr: float, voxels_per_s: float,
               gpu_mem_gb: float | None, epoch: int) -> None:
         if not self.enabled:
             return
@@ -52,16 +62,17 @@ class Reporter:
             self.writer.add_scalar("train/loss", loss, first_step + i)
         last = first_step + len(losses) - 1
         self.writer.add_scalar("train/lr", lr, last)
-        self.writer.add_scalar("train/points_per_s", points_per_s, last)
+        self.writer.add_scalar("train/voxels_per_s", voxels_per_s, last)
         if gpu_mem_gb is not None:
             self.writer.add_scalar("train/gpu_mem_gb", gpu_mem_gb, last)
         mem = f" mem {gpu_mem_gb:.1f} GB" if gpu_mem_gb is not None else ""
         if self.bar is not None:
             self.bar.update(len(losses))
-            self.bar.set_postfix_str(f"epoch {epoch} loss {losses[-1]:.4f} lr {lr:.2e} {points_per_s:,.0f} vox/s{mem}")
+            self.bar.set_postfix_str(f"epoch {epoch} loss {losses[-1]:.4f} lr {lr:.2e} {voxels_per_s:,.0f} vox/s{mem}")
         else:
-            log.info("step %d epoch %d loss %.4f lr %.3e %.0f voxels/s%s", last, epoch, losses[-1], lr,
-                     points_per_s, mem)
+            step = last  # steps done so far
+            log.info("step %d/%d (%.0f%%) epoch %d loss %.4f lr %.3e %.0f voxels/s%s, ETA %s", step, self.total_steps,
+                     100 * step / max(1, self.total_steps), epoch, losses[-1], lr, voxels_per_s, mem, self.eta(step))
 
     def validation(self, step: int, epoch: int, confusion: np.ndarray) -> None:
         if not self.enabled:
