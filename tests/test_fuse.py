@@ -158,6 +158,25 @@ def test_fuse_writes_predictions_metrics_table_and_figure(inferred):
     assert (out / "iou.md").read_text().count("\n") > NUM_CLASSES and (out / "confusion.png").stat().st_size > 0
 
 
+def test_rerun_skips_fusion_until_an_input_or_an_output_changes(inferred, tmp_path):
+    root = _copy(inferred, tmp_path)
+    cfg = compose(*base_overrides(root))
+    first = fuse.run(cfg)
+    out = infer.infer_dir(cfg)
+    labels = sorted((out / "sequences" / "08" / "predictions").glob("*.label"))
+    stamps = {p: p.stat().st_mtime_ns for p in [*labels, out / "metrics.json"]}
+    assert fuse.run(cfg) == first
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing rewritten
+    labels[1].unlink()  # an output lost: fuse again
+    assert fuse.run(cfg)["confusion"] == first["confusion"] and labels[1].is_file()
+    shard = sorted(out.glob("shard-*.h5"))[0]
+    with h5py.File(shard, "a") as h5:  # another prediction for the first tile point
+        h5["logits"][0] = -h5["logits"][0]
+    again = fuse.run(cfg)
+    assert again["inputs_sha1"] != first["inputs_sha1"]
+    assert (out / "metrics.json").stat().st_mtime_ns != stamps[out / "metrics.json"]
+
+
 @pytest.mark.parametrize("fusion", ["logit_average", "mc_uncertainty"])
 def test_fill_map_gives_what_the_nearest_neighbour_search_gives(inferred, tmp_path, fusion):
     root = _copy(inferred, tmp_path)
