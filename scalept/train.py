@@ -103,6 +103,17 @@ def run(cfg: DictConfig, step_hook: Callable[[int], None] | None = None) -> dict
         dist_env.teardown()
 
 
+CPU_PARAMETERS = 10_000_000  # above this a CPU step takes seconds (ptv3: 46 M, ~9 s per step on 2 cores)
+
+
+def _warn_large_model_on_cpu(model, device: torch.device, is_main: bool, total_steps: int) -> None:
+    parameters = sum(p.numel() for p in model.parameters())
+    if device.type == "cpu" and parameters > CPU_PARAMETERS and is_main:
+        log.warning("train: a %.1f M-parameter model on the CPU: expect seconds per step (ptv3: ~9 s on 2 cores, "
+                    "so %d steps take about %.0f min) and several GB of memory; model=ptv3_tiny is the CPU model. "
+                    "The first progress line gives this run's ETA", parameters / 1e6, total_steps, total_steps * 9 / 60)
+
+
 def _model_config(cfg: DictConfig) -> dict:
     """``cfg.model`` with ``train.checkpoint_levels`` applied: recomputation is a memory setting of the run."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -153,6 +164,7 @@ class Trainer:
         self.data = build_train_data(cfg, env.rank, env.world_size, device, seed)
         model_cfg = _model_config(cfg)
         model = build_model(model_cfg, NUM_CLASSES).to(device)
+        _warn_large_model_on_cpu(model, device, env.is_main, self.data.total_steps)
         self.step_voxels = round(self.data.step_voxels)  # mean voxels of an optimizer step, every rank together
         self.lr, self.optimizer, self.scheduler = build_optimizer(model, cfg.optim, self.step_voxels,
                                                                   self.data.total_steps, device)

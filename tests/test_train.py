@@ -279,3 +279,19 @@ def test_progress_lines_carry_the_total_and_an_eta(data_dir, tmp_path, caplog):
     assert [line.split()[1] for line in lines] == ["1/6", "4/6", "6/6"], lines
     assert all(re.search(r"\(\d+%\) epoch \d+ loss [\d.]+ .* voxels/s, ETA \d+m\d\ds$", line) for line in lines), lines
     assert lines[-1].endswith("ETA 0m00s")
+
+
+def test_the_full_model_on_a_cpu_is_announced_with_an_estimate(caplog):
+    from omegaconf import OmegaConf
+
+    from scalept.launch import CONF_DIR
+    from scalept.model import build_model
+
+    full = build_model(OmegaConf.load(CONF_DIR / "model" / "ptv3.yaml"), 19)
+    tiny = build_model(OmegaConf.load(CONF_DIR / "model" / "ptv3_tiny.yaml"), 19)
+    with caplog.at_level(logging.WARNING, logger="scalept.train"):
+        train._warn_large_model_on_cpu(tiny, torch.device("cpu"), True, 300)
+        assert not caplog.records
+        train._warn_large_model_on_cpu(full, torch.device("cpu"), True, 300)
+    assert len(caplog.records) == 1
+    assert "46.2 M-parameter model on the CPU" in caplog.text and "300 steps take about 45 min" in caplog.text
