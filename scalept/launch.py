@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from scalept import slurm_jobs
+from scalept.steps import STEPS
 from scalept.config_check import check_config, check_output_dirs
 from scalept.errors import ConfigError, ScalePTError, TrainingInterrupted
 
@@ -37,54 +37,6 @@ OmegaConf.register_new_resolver("scalept.array_task_id", _array_task_id, replace
 # cluster/slurm.yaml: one srun task (DDP rank) per GPU when GPUs are requested, else one per node.
 OmegaConf.register_new_resolver(
     "scalept.tasks_per_node", lambda gpus_per_node: 1 if gpus_per_node is None else int(gpus_per_node), replace=True)
-
-
-def synth(cfg: DictConfig) -> None:
-    """Generate the synthetic dataset (frames that already exist are kept)."""
-    settings = cfg.dataset.get("synthetic")
-    if settings is None:
-        if cfg.stage.name == "synth":
-            raise ConfigError(f"stage=synth needs dataset=synthetic; dataset={cfg.dataset.name} is real data")
-        log.info("dataset=%s is real data: nothing to generate", cfg.dataset.name)
-        return
-    from preprocessing.synthetic.generate import generate_dataset
-
-    from scalept.data.dataset import split_sequences
-
-    frames = int(settings.frames_per_sequence)
-    sequences = split_sequences(cfg.dataset.splits, list(cfg.dataset.splits), "dataset.splits")
-    generate_dataset(cfg.dataset.root, {s: frames for s in sequences}, seed=int(settings.seed),
-                     azimuth_steps=int(settings.azimuth_steps), progress=sys.stderr.isatty())
-    log.info("synth: dataset ready under %s", cfg.dataset.root)
-
-
-def preprocess(cfg: DictConfig) -> None:
-    from preprocessing.preprocess import run
-
-    run(cfg)
-
-
-def train(cfg: DictConfig) -> None:
-    from scalept.train import run
-
-    run(cfg)
-
-
-def infer(cfg: DictConfig) -> None:
-    from scalept.infer import run
-
-    run(cfg)
-
-
-def fuse(cfg: DictConfig) -> None:
-    from scalept.fuse import run
-
-    run(cfg)
-
-
-STEPS: dict[str, Callable[[DictConfig], None]] = {
-    "synth": synth, "preprocess": preprocess, "train": train, "infer": infer, "fuse": fuse,
-}
 
 
 def _submitit_job():

@@ -37,6 +37,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from scalept.errors import ConfigError, ScalePTError
+from scalept.steps import STEPS
 
 log = logging.getLogger("scalept")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
@@ -78,7 +79,6 @@ def _submit_from_job(submit):
 
 def fuse_job(cfg: DictConfig) -> None:
     """Body of the fusion job: fuse the shards every rank of the sweep point's job wrote."""
-    from scalept.launch import STEPS
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     STEPS["fuse"](cfg)
@@ -163,7 +163,6 @@ def check_nodes(config: DictConfig, points: list[list[str]]) -> None:
 
 def synth_task(cfg: DictConfig) -> None:
     """Body of the synth job."""
-    from scalept.launch import STEPS
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     STEPS["synth"](cfg)
@@ -171,7 +170,6 @@ def synth_task(cfg: DictConfig) -> None:
 
 def preprocess_task(cfg: DictConfig, task_id: int) -> None:
     """Body of one task of the preprocessing array: unit ``task_id``."""
-    from scalept.launch import STEPS
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     cfg = copy.deepcopy(cfg)

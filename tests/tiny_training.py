@@ -36,9 +36,9 @@ def compose_tiny(data_dir: Path, run_dir: Path, *overrides: str):
 
 def make_tiny_data(data_dir: Path) -> Path:
     """Generate and tile the tiny dataset (through the synth and preprocess stages); returns data_dir."""
-    from scalept import launch
+    from scalept import steps
 
     cfg = compose_tiny(data_dir, data_dir / "unused-run")
-    launch.synth(cfg)
-    launch.preprocess(cfg)
+    steps.synth(cfg)
+    steps.preprocess(cfg)
     return data_dir

@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
     parser.add_argument("override", nargs="*", help="extra Hydra overrides for every preset, e.g. train.amp=false")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="scalept-train-bench-"))
-    from scalept import launch, train
+    from scalept import steps, train
 
     if args.real:  # the labelled sequences: training refuses the others
         from scalept.data.semantickitti import Sequence, list_sequences
@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
     else:
         data = make_synthetic(work / "synthetic" / "dataset", args.synthetic_sequences, args.synthetic_frames)
     presets = [p for p in args.presets.split(",") if p]
-    launch.preprocess(compose_run(work, data, presets[0], args))
+    steps.preprocess(compose_run(work, data, presets[0], args))
     gpu = torch.cuda.is_available()
     rows = []
     for preset in presets:
