@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from .primitives import BOX, CYLINDER, ELLIPSOID, GROUND_REMISSION, VEGETATION
-from .scene import GROUND_LEVELS, Scene
+from .road import GROUND_LEVELS
+from .scene import Scene
 
 # Upper block: 32 lasers from +2° down in 1/3° steps; lower block: 32 lasers in ~0.5° steps.
 HDL64_ELEVATION_DEG = np.concatenate([np.linspace(2.0, -8.33, 32), np.linspace(-8.87, -24.9, 32)])

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import objects
 from .primitives import BICYCLE, BICYCLIST, CAR, MOVING, OTHER_VEHICLE, PERSON, TRUCK, Parts, rng_for
-from .scene import BLOCK_LENGTH, CURB_HEIGHT, LOW_TERRAIN, MAX_MOVER_WINDOW, PARKING_WIDTH, Block, Mover
+from .road import BLOCK_LENGTH, CURB_HEIGHT, LOW_TERRAIN, MAX_MOVER_WINDOW, PARKING_WIDTH, Block, Mover
 
 if TYPE_CHECKING:
     from .scene import Scene

@@ -11,7 +11,8 @@ from preprocessing.synthetic import generate_dataset
 from preprocessing.synthetic.__main__ import main as cli_main
 from preprocessing.synthetic.generate import FRAME_PERIOD, lidar_poses, render_frame
 from preprocessing.synthetic.primitives import AXIS_X, AXIS_Y, BOX, CYLINDER, ELLIPSOID, PartList
-from preprocessing.synthetic.scene import SENSOR_HEIGHT, Scene
+from preprocessing.synthetic.road import SENSOR_HEIGHT
+from preprocessing.synthetic.scene import Scene
 from preprocessing.synthetic.sensor import Sensor
 from scalept.data.semantickitti import (CLASS_NAMES, KNOWN_RAW_IDS, Sequence, read_calib, read_labels, read_points,
                                         to_classes)
