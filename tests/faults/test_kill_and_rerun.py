@@ -18,9 +18,9 @@ from tests.conftest import TINY_PIPELINE
 
 pytestmark = pytest.mark.slow
 # metrics that hold times or paths (the checkpoint's sha1 covers its config, which names the run's folders;
-# its weights are compared instead)
+# its weights are compared instead; inputs_sha1 covers the inputs' paths and mtimes, their contents are compared)
 VOLATILE = {"timings_s", "frames_per_s", "fusion_mpoints_per_s", "run_dir", "predictions", "seconds",
-            "checkpoint_sha1"}
+            "checkpoint_sha1", "inputs_sha1"}
 
 
 def _launch(root: Path) -> list[str]:

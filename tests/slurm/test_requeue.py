@@ -10,7 +10,7 @@ import time
 from tests.conftest import TINY_PIPELINE
 from tests.slurm.conftest import job_name, submitted_scripts
 
-STEP_LINE = re.compile(r"step (\d+) epoch \d+ loss")
+STEP_LINE = re.compile(r"step (\d+)/\d+ \(\d+%\) epoch \d+ loss")
 TOTAL_STEPS = 40
 
 
