@@ -6,6 +6,7 @@ and traffic), so neither imports the other back.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -98,3 +99,20 @@ class Block:
     street: np.ndarray    # (2, 2): block-local x interval of a side street per side, (-10, -10) if none
     terrain: np.ndarray   # (2,): height of the terrain beyond the sidewalk over the road, per side
     static: Parts         # in the world frame
+
+
+class StreetLayout(Protocol):
+    """What the block and traffic builders of :mod:`.street` read of a street (a :class:`.scene.Scene`)."""
+
+    seed: int
+    sequence: str
+    road: Road
+    lanes: int            # lanes per direction
+    lane_width: float
+    half_width: float     # centre line to the curb of the driving lanes
+    sidewalk: np.ndarray  # (2,) sidewalk width right, left
+    ego_d: float          # the ego lane's lateral offset
+    v0: float             # the ego vehicle's speed, m/s
+
+    def time_at(self, x: float) -> float:
+        """When the ego vehicle passes road coordinate ``x``."""

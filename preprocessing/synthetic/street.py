@@ -7,16 +7,11 @@ a park, and far trees and buildings that give the upper beams something to hit. 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from . import objects
 from .primitives import BICYCLE, BICYCLIST, CAR, MOVING, OTHER_VEHICLE, PERSON, TRUCK, Parts, rng_for
-from .road import BLOCK_LENGTH, CURB_HEIGHT, LOW_TERRAIN, MAX_MOVER_WINDOW, PARKING_WIDTH, Block, Mover
-
-if TYPE_CHECKING:
-    from .scene import Scene
+from .road import BLOCK_LENGTH, CURB_HEIGHT, LOW_TERRAIN, MAX_MOVER_WINDOW, PARKING_WIDTH, Block, Mover, StreetLayout
 
 L = BLOCK_LENGTH
 
@@ -24,7 +19,7 @@ L = BLOCK_LENGTH
 class _Builder:
     """Places objects given in road coordinates of one block, and hands out instance ids."""
 
-    def __init__(self, scene: Scene, k: int, street: np.ndarray, first_instance: int = 1):
+    def __init__(self, scene: StreetLayout, k: int, street: np.ndarray, first_instance: int = 1):
         self.scene, self.k, self.street = scene, k, street
         self.x0 = k * L
         self.parts: list[Parts] = []
@@ -60,7 +55,7 @@ class _Builder:
 STATIC_STREAM, TRAFFIC_STREAM = 0, 1
 
 
-def build_block(scene: Scene, k: int) -> Block:
+def build_block(scene: StreetLayout, k: int) -> Block:
     """The static layout of block k; its traffic is drawn apart (:func:`build_traffic`), as it is needed farther out."""
     rng = rng_for(scene.seed, scene.sequence, STATIC_STREAM, k)
     parking = rng.random(2) < 0.2
@@ -77,7 +72,7 @@ def build_block(scene: Scene, k: int) -> Block:
     return Block(parking, street, terrain, Parts.concat(b.parts))
 
 
-def build_traffic(scene: Scene, k: int) -> list[Mover]:
+def build_traffic(scene: StreetLayout, k: int) -> list[Mover]:
     """Oncoming and overtaking vehicles, bicyclists at the right edge, pedestrians on the sidewalks.
 
     Each mover is tied to the block it is in when the ego vehicle enters that block.
