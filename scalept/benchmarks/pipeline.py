@@ -69,7 +69,7 @@ def _warm_up(cfg) -> None:
     feat = torch.rand(len(grid), 4, device=device)
     with torch.inference_mode(), inference_autocast(device.type, enabled=device.type == "cuda"):
         model(feat, grid, torch.tensor([len(grid)], device=device))
-    from scalept.fuse import fuse_frame
+    from scalept.fusion_kernels import fuse_frame
     from scalept.metrics import save_confusion_png
 
     index = np.arange(1000) % 700
@@ -121,7 +121,7 @@ def fusion_alone(points: int = 120_000, overlap: float = 1.3, classes: int = 19,
                  device: str = "cpu") -> dict:
     """Per method: M tile-point rows/s on one thread (on ``device``, host copies included); and the
     nearest-neighbour fill in M points/s."""
-    from scalept.fuse import fill_nearest, fuse_frame
+    from scalept.fusion_kernels import fill_nearest, fuse_frame
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
