@@ -202,61 +202,84 @@ def _val(value) -> float:
 
 
 def plot(runs: list[Run], out: Path) -> list[Path]:
+    """The comparison's figures that the runs have data for; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        written.append(out / name)
-
-    several_nodes = len({r.nodes for r in runs}) > 1
     strategies = sorted({r.sampling for r in runs})
-    fused = [r for r in runs if r.fuse and isinstance(r.fuse.get("miou"), (int, float))]
-    if fused:
-        keys = sorted({(r.fusion, r.nodes) for r in fused}, key=lambda k: (k[0], k[1] or 0))
-        series = {}
-        for fusion, nodes in keys:
-            name = fusion + (f" ({nodes} nodes)" if several_nodes else "")
-            by_s = {r.sampling: r.fuse["miou"] * 100 for r in fused if (r.fusion, r.nodes) == (fusion, nodes)}
-            series[name] = [by_s.get(s, math.nan) for s in strategies]
-        fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(strategies)), 4))
-        _grouped_bars(ax, strategies, series, "mIoU (%)")
-        ax.set_title("mIoU per sampling strategy and fusion")
-        save(fig, "miou.png")
-    with_iou = [r for r in runs if r.fuse and r.fuse.get("iou")]
-    if with_iou:
-        classes = _class_names(with_iou)
-        grid = [[_val(r.fuse["iou"].get(c)) * 100 for c in classes] for r in with_iou]
-        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(classes) + 2), max(2.5, 0.4 * len(with_iou) + 1.5)))
-        image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=8)
-        ax.set_yticks(range(len(with_iou)), [r.label for r in with_iou], fontsize=8)
-        fig.colorbar(image, ax=ax, label="IoU (%)")
-        ax.set_title("Per-class IoU")
-        save(fig, "iou_heatmap.png")
+    several_nodes = len({r.nodes for r in runs}) > 1
     trained = {(r.sampling, r.nodes): r.train for r in runs if r.train}  # fusions of a run share its training
-    if trained:
-        node_counts = sorted({n for _, n in trained}, key=lambda n: n or 0)
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 2.5 * len(strategies)), 4))
-        panels = ((ax1, "voxels_per_s", "training voxels/s"), (ax2, "peak_gpu_mem_gb", "peak GPU memory (GB)"))
-        for ax, key, ylabel in panels:
-            series = {}
-            for n in node_counts:
-                values = [_val((trained.get((s, n)) or {}).get(key)) for s in strategies]
-                if key == "peak_gpu_mem_gb" and all(math.isnan(v) for v in values):  # CPU run: process RSS
-                    values = [_val((trained.get((s, n)) or {}).get("peak_rss_gb")) for s in strategies]
-                    ylabel = "peak memory (GB, GPU or RSS)"
-                series[f"{n} nodes" if n is not None else "runs"] = values
-            _grouped_bars(ax, strategies, series, ylabel)
-        ax1.set_title("Training throughput")
-        ax2.set_title("Peak memory")
-        save(fig, "training.png")
+    figures = {
+        "miou.png": _miou_figure(plt, runs, strategies, several_nodes),
+        "iou_heatmap.png": _iou_heatmap(plt, runs),
+        "training.png": _training_figure(plt, trained, strategies),
+        "stages.png": _stages_figure(plt, runs),
+        "scaling.png": _scaling_figure(plt, trained, strategies) if several_nodes else None,
+    }
+    written = []
+    for name, fig in figures.items():
+        if fig is not None:
+            fig.tight_layout()
+            fig.savefig(out / name, dpi=100)
+            plt.close(fig)
+            written.append(out / name)
+    return written
+
+
+def _miou_figure(plt, runs: list[Run], strategies: list[str], several_nodes: bool):
+    fused = [r for r in runs if r.fuse and isinstance(r.fuse.get("miou"), (int, float))]
+    if not fused:
+        return None
+    keys = sorted({(r.fusion, r.nodes) for r in fused}, key=lambda k: (k[0], k[1] or 0))
+    series = {}
+    for fusion, nodes in keys:
+        name = fusion + (f" ({nodes} nodes)" if several_nodes else "")
+        by_s = {r.sampling: r.fuse["miou"] * 100 for r in fused if (r.fusion, r.nodes) == (fusion, nodes)}
+        series[name] = [by_s.get(s, math.nan) for s in strategies]
+    fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(strategies)), 4))
+    _grouped_bars(ax, strategies, series, "mIoU (%)")
+    ax.set_title("mIoU per sampling strategy and fusion")
+    return fig
+
+
+def _iou_heatmap(plt, runs: list[Run]):
+    with_iou = [r for r in runs if r.fuse and r.fuse.get("iou")]
+    if not with_iou:
+        return None
+    classes = _class_names(with_iou)
+    grid = [[_val(r.fuse["iou"].get(c)) * 100 for c in classes] for r in with_iou]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(classes) + 2), max(2.5, 0.4 * len(with_iou) + 1.5)))
+    image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(with_iou)), [r.label for r in with_iou], fontsize=8)
+    fig.colorbar(image, ax=ax, label="IoU (%)")
+    ax.set_title("Per-class IoU")
+    return fig
+
+
+def _training_figure(plt, trained: dict, strategies: list[str]):
+    if not trained:
+        return None
+    node_counts = sorted({n for _, n in trained}, key=lambda n: n or 0)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 2.5 * len(strategies)), 4))
+    panels = ((ax1, "voxels_per_s", "training voxels/s"), (ax2, "peak_gpu_mem_gb", "peak GPU memory (GB)"))
+    for ax, key, ylabel in panels:
+        series = {}
+        for n in node_counts:
+            values = [_val((trained.get((s, n)) or {}).get(key)) for s in strategies]
+            if key == "peak_gpu_mem_gb" and all(math.isnan(v) for v in values):  # CPU run: process RSS
+                values = [_val((trained.get((s, n)) or {}).get("peak_rss_gb")) for s in strategies]
+                ylabel = "peak memory (GB, GPU or RSS)"
+            series[f"{n} nodes" if n is not None else "runs"] = values
+        _grouped_bars(ax, strategies, series, ylabel)
+    ax1.set_title("Training throughput")
+    ax2.set_title("Peak memory")
+    return fig
+
+
+def _stages_figure(plt, runs: list[Run]):
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(runs) + 2), 4))
     bottom = [0.0] * len(runs)
     for stage in STAGES:
@@ -268,21 +291,24 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     ax.set_ylabel("seconds")
     ax.set_title("Time per stage")
     ax.legend(fontsize=8)
-    save(fig, "stages.png")
-    if several_nodes and any(n is not None for _, n in trained):
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for s in strategies:
-            pts = sorted((n, _val(t.get("voxels_per_s", t.get("points_per_s"))))
-                         for (s2, n), t in trained.items() if s2 == s and n)
-            if pts:
-                ax.plot([n for n, _ in pts], [v for _, v in pts], marker="o", label=s)
-        ax.set_xlabel("nodes")
-        ax.set_xticks(sorted({n for _, n in trained if n}))  # whole node counts only
-        ax.set_ylabel("training voxels/s")
-        ax.set_title("Scaling with node count")
-        ax.legend(fontsize=8)
-        save(fig, "scaling.png")
-    return written
+    return fig
+
+
+def _scaling_figure(plt, trained: dict, strategies: list[str]):
+    if not any(n is not None for _, n in trained):
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for s in strategies:
+        pts = sorted((n, _val(t.get("voxels_per_s", t.get("points_per_s"))))
+                     for (s2, n), t in trained.items() if s2 == s and n)
+        if pts:
+            ax.plot([n for n, _ in pts], [v for _, v in pts], marker="o", label=s)
+    ax.set_xlabel("nodes")
+    ax.set_xticks(sorted({n for _, n in trained if n}))  # whole node counts only
+    ax.set_ylabel("training voxels/s")
+    ax.set_title("Scaling with node count")
+    ax.legend(fontsize=8)
+    return fig
 
 
 def analyse(sweep: Path, out: Path | None = None) -> list[Path]:
