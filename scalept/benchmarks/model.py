@@ -138,7 +138,8 @@ def run_case(model, batches: list, mode: str, args, device: torch.device) -> dic
     return {"ms": 1e3 * seconds, "voxels_per_s": voxels / seconds, "peak_gib": peak}
 
 
-def main(argv=None) -> dict:
+def _arguments(argv) -> argparse.Namespace:
+    """The command line, with the defaults that depend on the device filled in."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_real = os.environ.get("SCALEPT_REAL_DATA", "../shared/data/semantickitti-real")
     parser.add_argument("--real", type=Path, default=Path(default_real), help="SemanticKITTI root (sequences/...)")
@@ -168,6 +169,13 @@ def main(argv=None) -> dict:
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     args.repeats = args.repeats if args.repeats is not None else (20 if gpu else 2)
     args.amp = gpu if args.amp is None else args.amp
+    return args
+
+
+def main(argv=None) -> dict:
+    args = _arguments(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
     wanted = [w for w in args.cases.split(",") if w]
     cases = {k: v for k, v in CASES.items() if not wanted or any(w in k for w in wanted)}
     modes = [m for m in ("train", "infer") if m in args.modes.split(",")]
