@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from scalept.errors import ConfigError
+
 DEFAULT_PORT = 29500
 
 
@@ -121,11 +123,17 @@ def is_distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def device() -> torch.device:
-    """``cuda:<local rank>`` when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", get_local_rank() % torch.cuda.device_count())
-    return torch.device("cpu")
+def device(wanted: str = "auto", key: str = "device") -> torch.device:
+    """``auto``: ``cuda:<local rank>`` when CUDA is available, else the CPU; otherwise the device
+    named (``cpu``, ``cuda``, ``cuda:<i>``), refused in one line naming the config ``key`` when it
+    asks for CUDA and none is visible."""
+    if wanted == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", get_local_rank() % torch.cuda.device_count())
+        return torch.device("cpu")
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={wanted} but no CUDA device is visible; use {key}=auto or cpu")
+    return torch.device(wanted)
 
 
 def init(backend: str | None = None, timeout_s: float = 1800.0) -> DistEnv:

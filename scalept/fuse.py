@@ -46,6 +46,7 @@ from omegaconf import DictConfig
 from scalept.atomic import atomic_path
 from scalept.data.semantickitti import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, to_raw, write_labels
 from scalept.data.tiles import TileFile, tile_file_path
+from scalept.distributed import device as dist_device
 from scalept.errors import ConfigError
 from scalept.fusion_kernels import WEIGHTINGS, fill_from_map, fill_nearest, fuse_frame
 from scalept.infer import infer_dir, infer_sequences
@@ -132,11 +133,7 @@ class _Settings:
     @classmethod
     def of(cls, cfg: DictConfig) -> _Settings:
         method = str(cfg.fusion.name)
-        device = str(cfg.fuse.device)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"fuse.device={device} but no CUDA device is visible; use fuse.device=auto or cpu")
+        device = dist_device(str(cfg.fuse.device), "fuse.device")  # one line if CUDA is asked for but absent
         kind = shard_kind(method)
         weighting = str(cfg.fusion.get("weighting", "entropy"))
         temperature = float(cfg.fusion.get("temperature", 0.1))
@@ -145,7 +142,7 @@ class _Settings:
                 raise ConfigError(f"fusion.weighting={weighting!r} is unknown; choose one of {', '.join(WEIGHTINGS)}")
             if weighting == "entropy" and temperature <= 0:
                 raise ConfigError(f"fusion.temperature={temperature} must be > 0")
-        return cls(method, kind, weighting, temperature, torch.device(device))
+        return cls(method, kind, weighting, temperature, device)
 
 
 @dataclass

@@ -39,7 +39,8 @@ from scalept.data.batching import pack
 from scalept.data.dataset import split_sequences
 from scalept.data.semantickitti import NUM_CLASSES
 from scalept.data.tiles import TileFile, open_checked, tile_file_path
-from scalept.distributed import barrier, get_local_rank, get_rank, get_world_size
+from scalept.distributed import barrier, get_rank, get_world_size
+from scalept.distributed import device as dist_device
 from scalept.errors import ConfigError
 from scalept.shards import (Chunk, ChunkWriter, chunk_owner, chunk_tiles, plan_chunks, shard_chunks, shard_kind,
                             usable_chunk_file)
@@ -81,17 +82,6 @@ def load_model(cfg: DictConfig, device: torch.device):
     model.load_state_dict(state["model"])
     cast_for_inference(model.to(device).eval(), device.type, bool(cfg.infer.get("amp", True)))
     return model, float(state.get("grid_size", cfg.train.grid_size)), file_digest(path)
-
-
-def _device(cfg: DictConfig) -> torch.device:
-    wanted = str(cfg.infer.get("device", "auto"))
-    if wanted == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", get_local_rank() % torch.cuda.device_count())
-        return torch.device("cpu")
-    if wanted.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"infer.device={wanted} but no CUDA device is visible; use infer.device=auto or cpu")
-    return torch.device(wanted)
 
 
 def predict_batch(model, batch: Mapping[str, torch.Tensor], device: torch.device, kind: str, passes: int,
@@ -272,7 +262,7 @@ def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None)
     out_dir = infer_dir(cfg)
     remove_stale_temporaries(out_dir)
     sequences = infer_sequences(cfg)
-    device = _device(cfg)
+    device = dist_device(str(cfg.infer.get("device", "auto")), "infer.device")
     model, grid_size, digest = load_model(cfg, device)  # one-line error if missing or of another config
     paths = [tile_file_path(cfg.tiles_dir, cfg.sampling.name, s) for s in sequences]
     tile_files = dict(zip(sequences, open_checked(paths, cfg)))  # one line if missing or tiled otherwise
