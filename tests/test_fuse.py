@@ -198,3 +198,12 @@ def test_fuse_without_inference_is_a_one_line_error(tmp_path):
     with pytest.raises(ScalePTError) as err:
         fuse.run(cfg)
     assert "stage=infer" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("stage, key", [("infer", "infer.device"), ("fuse", "fuse.device")])
+def test_a_cuda_device_without_cuda_is_a_one_line_error_naming_the_key(inferred, stage, key):
+    cfg = compose(*base_overrides(inferred), f"{key}=cuda:0")
+    with pytest.raises(ConfigError) as err:
+        (infer.run if stage == "infer" else fuse.run)(cfg)
+    assert str(err.value) == f"{key}=cuda:0 but no CUDA device is visible; use {key}=auto or cpu"
