@@ -285,7 +285,7 @@ def run(cfg: DictConfig) -> dict:
 def inputs_digest(settings: _Settings, tile_files: dict[str, TileFile], found: dict) -> str:
     """SHA-1 over what fusion reads: its settings and the name, size and mtime of every shard and tile file."""
     files = [tf.path for tf in tile_files.values()] + [path for pairs in found.values() for _, path in pairs]
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stats = [(str(p), st.st_size, st.st_mtime_ns) for p in files for st in [p.stat()]]
     text = json.dumps([settings.method, settings.weighting, settings.temperature, str(settings.device), stats])
     return hashlib.sha1(text.encode()).hexdigest()
 
