@@ -194,7 +194,8 @@ def _read_chunk(path: Path, tf: TileFile, chunk: Chunk, kind: str, scored: bool)
 def _fuse_chunk(inputs: _ChunkInputs, settings: _Settings, target: Path, tally: _Tally) -> None:
     """Fuse, fill, write and score the frames of one chunk."""
     tf, chunk = inputs.tile_file, inputs.chunk
-    point_base, fill_base = tf.frame_offsets[chunk.start], (tf.frame_fill_offsets[chunk.start] if tf.has_fill_map else 0)
+    point_base = tf.frame_offsets[chunk.start]
+    fill_base = tf.frame_fill_offsets[chunk.start] if tf.has_fill_map else 0
     for i, f in enumerate(range(chunk.start, chunk.stop)):
         t1 = time.perf_counter()
         rows = slice(inputs.rows[i], inputs.rows[i + 1])
@@ -250,7 +251,7 @@ def run(cfg: DictConfig) -> dict:
     manifest, tile_files, found = check_shards(cfg)
     out_dir = fusion_output_dir(cfg)
     digest = inputs_digest(settings, tile_files, found)
-    finished = _finished_metrics(out_dir, digest, tile_files, found, settings.kind == "mc")
+    finished = _finished_metrics(out_dir, digest, tile_files, settings.kind == "mc")
     if finished is not None:
         log.info("fuse: %s is up to date with its shards and tile files; nothing to do (delete it to fuse again)",
                  out_dir / "metrics.json")
@@ -290,8 +291,7 @@ def inputs_digest(settings: _Settings, tile_files: dict[str, TileFile], found: d
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def _finished_metrics(out_dir: Path, inputs: str, tile_files: dict[str, TileFile], found: dict,
-                      with_entropy: bool) -> dict | None:
+def _finished_metrics(out_dir: Path, inputs: str, tile_files: dict[str, TileFile], with_entropy: bool) -> dict | None:
     """The metrics of an earlier run on the same inputs whose prediction files are all there, else None."""
     path = out_dir / "metrics.json"
     try:
@@ -300,9 +300,7 @@ def _finished_metrics(out_dir: Path, inputs: str, tile_files: dict[str, TileFile
         return None
     if metrics.get("inputs_sha1") != inputs:
         return None
-    for sequence, tf in tile_files.items():
-        if sequence not in found:
-            continue
+    for sequence, tf in tile_files.items():  # the sequences fused: those of infer.splits
         target = out_dir / "sequences" / sequence
         if not all((target / "predictions" / f"{frame}.label").is_file() for frame in tf.frame_ids):
             return None

@@ -137,7 +137,8 @@ def fusion_alone(points: int = 120_000, overlap: float = 1.3, classes: int = 19,
         cases = {
             "logit_average": lambda: fuse_frame(points, index, logits, "logit_average", device=device),
             "softmax_average": lambda: fuse_frame(points, index, probs, "softmax_average", device=device),
-            "mc_uncertainty/entropy": lambda: fuse_frame(points, index, probs, "mc_uncertainty", entropy, device=device),
+            "mc_uncertainty/entropy": lambda: fuse_frame(points, index, probs, "mc_uncertainty", entropy,
+                                                         device=device),
             "mc_uncertainty/lowest": lambda: fuse_frame(points, index, probs, "mc_uncertainty", entropy,
                                                         weighting="lowest", device=device),
         }
