@@ -31,8 +31,14 @@ def synth(cfg: DictConfig) -> None:
 
     frames = int(settings.frames_per_sequence)
     sequences = split_sequences(cfg.dataset.splits, list(cfg.dataset.splits), "dataset.splits")
-    generate_dataset(cfg.dataset.root, {s: frames for s in sequences}, seed=int(settings.seed),
-                     azimuth_steps=int(settings.azimuth_steps), progress=sys.stderr.isatty())
+    folders = generate_dataset(cfg.dataset.root, {s: frames for s in sequences}, seed=int(settings.seed),
+                               azimuth_steps=int(settings.azimuth_steps), progress=sys.stderr.isatty())
+    for folder in folders:
+        found = len(list((folder / "velodyne").glob("*.bin")))
+        if found > frames:  # the later stages read every frame of a sequence
+            log.warning("synth: %s holds %d frames, more than dataset.synthetic.frames_per_sequence=%d, and every "
+                        "one of them is used; delete the folder (or set another data_dir) to get %d", folder, found,
+                        frames, frames)
     log.info("synth: dataset ready under %s", cfg.dataset.root)
 
 
