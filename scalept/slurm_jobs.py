@@ -260,3 +260,99 @@ class PrepareSweep(Callback):
             extra.dependency = ",".join(filter(None, [earlier, f"afterok:{':'.join(job_ids)}"]))
             extra.kill_on_invalid_dep = "yes"
         log.info("scalept-launch: the sweep's jobs start after %s", extra.dependency)
+
+
+class WatchJobs(Callback):
+    """Hydra callback of cluster=slurm: while the launcher waits for the sweep, say which jobs exist.
+
+    Every ``interval_s`` seconds the launching process asks ``squeue`` for this user's jobs named
+    ``scalept-*`` that were not there when the multirun started, and logs one line per job whose
+    state changed (id, role, state, elapsed time), with the folder of their logs; a heartbeat
+    line says how many are still queued when nothing changed for ``heartbeat_s``.
+    """
+
+    def __init__(self, interval_s: float = 30.0, heartbeat_s: float = 300.0) -> None:
+        self.interval_s, self.heartbeat_s = float(interval_s), float(heartbeat_s)
+        self._stop = None
+        self._thread = None
+
+    def __getstate__(self):  # the launcher pickles its callbacks into the jobs: not the watching thread
+        return {"interval_s": self.interval_s, "heartbeat_s": self.heartbeat_s, "_stop": None, "_thread": None}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        import threading
+
+        folder = str(config.hydra.launcher.submitit_folder).replace("%j", "<job id>")
+        watcher = JobStates(squeue_jobs, before=set(squeue_jobs()))
+        log.info("scalept-launch: job logs will be under %s (<job id>_<task>_log.out and .err); watch with "
+                 "`squeue -u $USER --name=%s`", folder, ",".join(JOB_ROLES))
+        self._stop = threading.Event()
+
+        def loop():
+            last_line = time.monotonic()
+            while not self._stop.wait(self.interval_s):
+                lines = watcher.changes()
+                for line in lines:
+                    log.info("scalept-launch: %s", line)
+                if lines:
+                    last_line = time.monotonic()
+                elif time.monotonic() - last_line >= self.heartbeat_s and watcher.current:
+                    log.info("scalept-launch: %d jobs queued or running: %s", len(watcher.current),
+                             ", ".join(f"{j} {s}" for j, (_, s, _) in sorted(watcher.current.items())))
+                    last_line = time.monotonic()
+
+        self._thread = threading.Thread(target=loop, name="scalept-watch-jobs", daemon=True)
+        self._thread.start()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+
+
+# job name -> what it does, for the launcher's lines
+JOB_ROLES = {"scalept-synth": "synthetic data", "scalept-preprocess": "tiling array",
+             "scalept-pipeline": "sweep: train + infer", "scalept-train": "sweep: train", "scalept-infer": "sweep: infer",
+             "scalept-fuse": "fusion and scores"}
+
+
+def _role(name: str) -> str:
+    for prefix, role in JOB_ROLES.items():
+        if name == prefix or name.startswith(prefix + "-"):
+            return role + name[len(prefix):].replace("-", " ", 1)
+    return name
+
+
+def squeue_jobs() -> dict[str, tuple[str, str, str]]:
+    """This user's queued and running ``scalept-*`` jobs: id -> (name, state, elapsed); {} without squeue."""
+    import getpass
+    import subprocess
+
+    try:
+        out = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%j|%T|%M"], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    jobs = {}
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 4 and parts[1].startswith("scalept-"):
+            jobs[parts[0]] = (parts[1], parts[2], parts[3])
+    return jobs
+
+
+class JobStates:
+    """The jobs of this multirun as ``squeue`` shows them, and what changed since the last look."""
+
+    def __init__(self, query, before: set[str]):
+        self.query, self.before = query, before
+        self.current: dict[str, tuple[str, str, str]] = {}
+
+    def changes(self) -> list[str]:
+        now = {j: v for j, v in self.query().items() if j not in self.before}
+        lines = [f"job {j} ({_role(name)}): {state}, {elapsed} elapsed" for j, (name, state, elapsed) in
+                 sorted(now.items()) if self.current.get(j, (None, None))[1] != state]
+        lines += [f"job {j} ({_role(self.current[j][0])}): left the queue" for j in sorted(self.current)
+                  if j not in now]
+        self.current = now
+        return lines

@@ -139,3 +139,24 @@ def test_bad_node_counts_stop_the_launch_with_one_line(recording, overrides, mes
     assert stop.value.code == 2 and recording == []  # 2: a configuration error
     (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert re.search(message, error) and "\n" not in error
+
+
+def test_job_watcher_reports_new_jobs_their_changes_and_departures():
+    answers = iter([
+        {"7": ("scalept-pipeline", "RUNNING", "3:00"), "12": ("scalept-preprocess-hilbert", "PENDING", "0:00")},
+        {"7": ("scalept-pipeline", "RUNNING", "3:30"), "12": ("scalept-preprocess-hilbert", "RUNNING", "0:05"),
+         "13_[0-1]": ("scalept-pipeline", "PENDING", "0:00")},
+        {"13_[0-1]": ("scalept-pipeline", "PENDING", "0:00"), "13_2": ("scalept-fuse", "PENDING", "0:00")},
+    ])
+    states = slurm_jobs.JobStates(lambda: next(answers), before={"7"})  # job 7 is another multirun's
+    assert states.changes() == ["job 12 (tiling array hilbert): PENDING, 0:00 elapsed"]
+    assert states.changes() == ["job 12 (tiling array hilbert): RUNNING, 0:05 elapsed",
+                                "job 13_[0-1] (sweep: train + infer): PENDING, 0:00 elapsed"]
+    assert states.changes() == ["job 13_2 (fusion and scores): PENDING, 0:00 elapsed",
+                                "job 12 (tiling array hilbert): left the queue"]
+    assert sorted(states.current) == ["13_2", "13_[0-1]"]
+
+
+def test_without_squeue_the_watcher_sees_no_jobs(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert slurm_jobs.squeue_jobs() == {}

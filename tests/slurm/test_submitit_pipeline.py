@@ -26,7 +26,7 @@ def test_sweep_runs_as_preprocessing_arrays_one_ddp_array_job_and_dependent_fusi
     run = subprocess.run(
         [sys.executable, "-m", "scalept.launch", "-m", "sampling=block,hilbert", "cluster=slurm", "nodes=2",
          f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
-         f"data_dir={tmp_path / 'data'}",
+         "hydra.callbacks.watch_jobs.interval_s=1", f"data_dir={tmp_path / 'data'}",
          f"run_dir={tmp_path / 'runs'}/${{sampling.name}}", *tiny],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -40,6 +40,11 @@ def test_sweep_runs_as_preprocessing_arrays_one_ddp_array_job_and_dependent_fusi
                                "scalept-preprocess-hilbert", "scalept-synth"], by_name
     (synth,), (sweep_job,) = by_name["scalept-synth"], by_name["scalept-pipeline"]
     arrays = {s: by_name[f"scalept-preprocess-{s}"][0] for s in ("block", "hilbert")}
+    # while it waited, the launch said which jobs ran (id, role, state) and where their logs are
+    said = run.stdout + run.stderr
+    assert f"job logs will be under {sweep}/.submitit" in said
+    assert re.search(rf"scalept-launch: job {synth} \(synthetic data\): (PENDING|RUNNING)", said), said[-3000:]
+    assert re.search(rf"scalept-launch: job {sweep_job}_\S+ \(sweep: train \+ infer\): RUNNING", said), said[-3000:]
 
     # (a) one array job of 2 tasks, 2 nodes each, waiting for the synth job and both preprocessing arrays
     sweep_script = scripts[sweep_job]
