@@ -29,6 +29,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from preprocessing.tiling import make_tiles
+from scalept.distributed import resolve_env
 from scalept.errors import ConfigError
 from scalept.data.dataset import split_sequences
 from scalept.atomic import remove_stale_temporaries
@@ -211,7 +212,8 @@ def run(cfg: DictConfig) -> list[Path]:
                              f"units of this configuration; submit the array as --array=0-{len(units) - 1}")
         todo = [units[task_id]]
     else:
-        rank, world = step_rank()
+        env = resolve_env()  # every task of an srun step tiles units rank, rank + world, ...
+        rank, world = env.rank, env.world_size
         todo = units[rank::world]
         log.info("preprocess: %d units (sequence x %d frames); as a Slurm array: --array=0-%d",
                  len(units), cfg.preprocess.frames_per_task, len(units) - 1)
@@ -234,20 +236,6 @@ def run(cfg: DictConfig) -> list[Path]:
     log.info("preprocess: sampling=%s tiled %d frames in %.1f s; %d tile files complete under %s",
              cfg.sampling.name, frames, elapsed, len(finished), Path(cfg.tiles_dir) / cfg.sampling.name)
     return finished
-
-
-def step_rank() -> tuple[int, int]:
-    """(rank, number of tasks) of this process in an srun job step, else (0, 1).
-
-    Every task of a multi-task Slurm job (e.g. a submitit job of ``nodes`` x
-    ``tasks_per_node`` tasks) runs the same stage: task k tiles units k, k + n, ...
-    The batch script itself (SLURM_NTASKS set, but no step) counts as one process.
-    """
-    world = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
-    rank = int(os.environ.get("SLURM_PROCID", "0")) if world > 1 else 0
-    if not 0 <= rank < world:
-        raise ConfigError(f"SLURM_PROCID={rank} is outside the {world} tasks of SLURM_STEP_NUM_TASKS")
-    return rank, world
 
 
 def wait_for_sequences(cfg: DictConfig, names: list[str], poll_s: float = 1.0) -> list[Path]:

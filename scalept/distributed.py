@@ -3,22 +3,26 @@
 The environment is read in this order:
 
 1. torchrun-style variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-   ``MASTER_ADDR``, ``MASTER_PORT``): set by ``torchrun`` and exported by
-   submitit's ``TorchDistributedEnvironment().export()``, so a submitit job
-   that exported them is read exactly like a torchrun job;
-2. Slurm (``srun`` sets ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``
-   and ``SLURM_JOB_NODELIST``): the master is the first host of the node list
-   (``scontrol show hostnames``; ``MASTER_ADDR`` or 127.0.0.1 when scontrol is
-   absent), the port ``MASTER_PORT`` or one derived from the job id, so every
-   task of a job agrees on it without talking to the others;
+   ``MASTER_ADDR``, ``MASTER_PORT``), set by ``torchrun``;
+2. an srun task (plain sbatch scripts and submitit jobs alike: ``SLURM_PROCID``,
+   ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``, ``SLURM_JOB_NODELIST``): the master is
+   ``SCALEPT_MASTER_ADDR`` or the first host of the node list (``scontrol show
+   hostnames``), the port ``SCALEPT_MASTER_PORT``, ``MASTER_PORT`` or one derived from
+   the job id, so every task of a step agrees on them without talking to the others;
+   a batch script outside srun is one process, whatever ``SLURM_NTASKS`` says;
 3. nothing: a single process (rank 0 of 1).
 
-:func:`init` starts the default process group (NCCL when CUDA is there, gloo
-otherwise) when the world has more than one process; :func:`teardown` ends it.
+This is the one place that answers the question: the launcher, the sbatch scripts and
+every stage read it.
+
+:func:`session` holds the job's one process group (NCCL when CUDA is there, gloo
+otherwise, started only when the world has more than one process) around the steps
+of a job; :func:`init` and :func:`teardown` are its two halves.
 The getters below are safe to call before, after or without :func:`init`.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
@@ -70,24 +74,29 @@ def resolve_env(environ: dict[str, str] | None = None) -> DistEnv:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=int(env.get("MASTER_PORT", DEFAULT_PORT)),
             source="torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        job = env.get("SLURM_JOB_ID", "0")
-        if "MASTER_PORT" in env:
-            port = int(env["MASTER_PORT"])
-        else:  # every task of the job derives the same port; jobs sharing a node rarely collide
-            port = 20000 + int(job) % 20000 if job.isdigit() else DEFAULT_PORT
-        host = _first_slurm_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
-        return DistEnv(
-            rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
-            local_rank=int(env.get("SLURM_LOCALID", 0)),
-            master_addr=host or env.get("MASTER_ADDR", "127.0.0.1"), master_port=port, source="slurm",
-        )
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # a task of an srun step (also submitit's)
+        return _slurm_env(env)
     return DistEnv()
+
+
+def _slurm_env(env) -> DistEnv:
+    """An srun task: rank and world of its job step; every task derives the same master without talking."""
+    rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
+    if not 0 <= rank < world:
+        raise ConfigError(f"SLURM_PROCID={rank} is outside the {world} tasks of SLURM_STEP_NUM_TASKS")
+    job = env.get("SLURM_JOB_ID", "0")
+    port = env.get("SCALEPT_MASTER_PORT") or env.get("MASTER_PORT")
+    if port is None:  # jobs sharing a node rarely collide
+        port = 20000 + int(job) % 20000 if job.isdigit() else DEFAULT_PORT
+    host = env.get("SCALEPT_MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST",
+                                                                       env.get("SLURM_NODELIST", "")))
+    return DistEnv(rank=rank, world_size=world, local_rank=int(env.get("SLURM_LOCALID", 0)),
+                   master_addr=host or env.get("MASTER_ADDR", "127.0.0.1"), master_port=int(port), source="slurm")
 
 
 _ENV: DistEnv | None = None
 _CONTROL: dist.ProcessGroup | None = None
-_STORE: dist.TCPStore | None = None  # job_barrier's
+_OWNED = False  # whether session() started the running group (and so ends it)
 
 
 def get_env() -> DistEnv:
@@ -165,10 +174,31 @@ def init(backend: str | None = None, timeout_s: float = 1800.0) -> DistEnv:
 
 def teardown() -> None:
     """End the process group (if any); the getters fall back to the environment afterwards."""
-    global _CONTROL
+    global _CONTROL, _OWNED
     if dist.is_initialized():
         dist.destroy_process_group()
-    _CONTROL = None
+    _CONTROL, _OWNED = None, False
+
+
+@contextlib.contextmanager
+def session(backend: str | None = None):
+    """The job's one process group, for as long as the outermost ``with`` lasts.
+
+    The launcher opens it around every step of a multi-task job, so training, inference
+    and the barriers between steps share one group and one rendezvous; a stage run on its
+    own (tests, benchmarks, torchrun) opens it itself. Only the ``with`` that started the
+    group ends it, so a stage inside the launcher's session leaves it running.
+    """
+    global _OWNED
+    started = not dist.is_initialized()
+    env = init(backend)
+    if started and dist.is_initialized():
+        _OWNED = True
+    try:
+        yield env
+    finally:
+        if started and _OWNED:
+            teardown()
 
 
 def barrier() -> None:
@@ -178,24 +208,6 @@ def barrier() -> None:
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             dist.barrier()
-
-
-def job_barrier(name: str, timeout_s: float = 1800.0) -> None:
-    """Wait until every process of the job has reached ``name``, with or without a process group.
-
-    For the launcher between the stages of one multi-task job: each stage starts and ends
-    its own process group, so this uses a TCP store of its own on ``MASTER_PORT + 1``
-    (served by rank 0, kept for the life of the process). No-op for a single process.
-    """
-    global _STORE
-    env = resolve_env()
-    if env.world_size <= 1:
-        return
-    if _STORE is None:
-        _STORE = dist.TCPStore(env.master_addr, env.master_port + 1, env.world_size, env.rank == 0,
-                               timeout=datetime.timedelta(seconds=timeout_s))
-    _STORE.set(f"barrier/{name}/{env.rank}", "1")
-    _STORE.wait([f"barrier/{name}/{rank}" for rank in range(env.world_size)])
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

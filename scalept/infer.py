@@ -39,7 +39,7 @@ from scalept.data.batching import pack
 from scalept.data.dataset import split_sequences
 from scalept.data.semantickitti import NUM_CLASSES
 from scalept.data.tiles import TileFile, open_checked, tile_file_path
-from scalept.distributed import barrier, get_rank, get_world_size
+from scalept.distributed import barrier, get_rank, get_world_size, session
 from scalept.distributed import device as dist_device
 from scalept.errors import ConfigError
 from scalept.shards import (Chunk, ChunkWriter, chunk_owner, chunk_tiles, plan_chunks, shard_chunks, shard_kind,
@@ -254,11 +254,20 @@ def _predict_chunk(writer: ChunkWriter, batches: int, loader: Iterator[dict], mo
 
 
 def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None) -> dict:
-    """Predict this rank's chunks; returns a summary (chunks done and skipped, tiles, frames, seconds)."""
+    """Predict this rank's chunks; returns a summary (chunks done and skipped, tiles, frames, seconds).
+
+    ``rank``/``world_size`` make this process one rank of a pretended world (tests, benchmarks);
+    otherwise it is its rank of the job, in the launcher's process group or one of its own.
+    """
+    if rank is not None:
+        return _predict(cfg, rank, get_world_size() if world_size is None else world_size)
+    with session():
+        return _predict(cfg, get_rank(), get_world_size())
+
+
+def _predict(cfg: DictConfig, rank: int, world_size: int) -> dict:
     started = time.perf_counter()
     kind, passes, budget = _check(cfg)
-    rank = get_rank() if rank is None else rank
-    world_size = get_world_size() if world_size is None else world_size
     out_dir = infer_dir(cfg)
     remove_stale_temporaries(out_dir)
     sequences = infer_sequences(cfg)

@@ -48,16 +48,10 @@ def _submitit_job():
     return submitit.JobEnvironment()
 
 
-def _export_dist_env(job) -> None:
-    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT for this task (SCALEPT_MASTER_ADDR wins)."""
-    from submitit.helpers import TorchDistributedEnvironment
-
-    env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-    if os.environ.get("SCALEPT_MASTER_ADDR"):  # node names that do not resolve (slurm/local-cluster.sh)
-        os.environ["MASTER_ADDR"] = os.environ["SCALEPT_MASTER_ADDR"]
+def _log_rank(job, env) -> None:
     node = os.environ.get("SLURMD_NODENAME", job.hostname)  # the Slurm node name, not the host's
-    log.info("scalept-launch: job %s, rank %d of %d on node %s (local rank %d), master %s:%s", job.job_id, env.rank,
-             env.world_size, node, env.local_rank, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+    log.info("scalept-launch: job %s, rank %d of %d on node %s (local rank %d), master %s:%d", job.job_id, env.rank,
+             env.world_size, node, env.local_rank, env.master_addr, env.master_port)
 
 
 def run(cfg: DictConfig) -> None:
@@ -80,19 +74,24 @@ def run(cfg: DictConfig) -> None:
         for step in steps:
             STEPS[step](cfg)
     else:
-        _export_dist_env(job)
-        for index, step in enumerate(steps):
-            if step not in ("synth", "fuse") or job.global_rank == 0:  # one writer of frames and fused labels
-                try:
-                    STEPS[step](cfg)
-                except TrainingInterrupted:  # preempted: rank 0 requeues the job (submitit), the others wait
-                    if job.global_rank != 0:
-                        slurm_jobs.wait_for_requeue(job)
-                    raise
-            if index + 1 < len(steps):  # the next step reads what every rank of this one wrote
-                from scalept.distributed import job_barrier
+        import contextlib
 
-                job_barrier(f"after-{step}")
+        from scalept import distributed
+
+        _log_rank(job, distributed.get_env())
+        # one process group for every step of the job, when a step or a barrier needs one
+        grouped = len(steps) > 1 or not set(steps) <= {"synth", "preprocess", "fuse"}
+        with distributed.session() if grouped else contextlib.nullcontext():
+            for index, step in enumerate(steps):
+                if step not in ("synth", "fuse") or job.global_rank == 0:  # one writer of frames and fused labels
+                    try:
+                        STEPS[step](cfg)
+                    except TrainingInterrupted:  # preempted: rank 0 requeues the job (submitit), the others wait
+                        if job.global_rank != 0:
+                            slurm_jobs.wait_for_requeue(job)
+                        raise
+                if index + 1 < len(steps):  # the next step reads what every rank of this one wrote
+                    distributed.barrier()
     if fuse_later and job.global_rank == 0:
         slurm_jobs.submit_fuse(cfg, job)
 

@@ -96,11 +96,8 @@ def run(cfg: DictConfig, step_hook: Callable[[int], None] | None = None) -> dict
     ``step_hook(step)``, if given, runs after every optimizer step (profilers, benchmarks).
     """
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)  # before CUDA starts; the user's value wins
-    env = dist_env.init()
-    try:
+    with dist_env.session() as env:  # the launcher's group when it runs a job's steps, else one of its own
         return _train(cfg, env, step_hook)
-    finally:
-        dist_env.teardown()
 
 
 CPU_PARAMETERS = 10_000_000  # above this a CPU step takes seconds (ptv3: 46 M, ~9 s per step on 2 cores)

@@ -12,6 +12,7 @@ import pytest
 
 from scalept import distributed
 from scalept.distributed import DistEnv, resolve_env
+from scalept.errors import ConfigError
 from tiny_training import make_tiny_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,20 +29,33 @@ def test_torchrun_variables():
 
 
 def test_torchrun_variables_win_over_slurm():
-    # submitit's TorchDistributedEnvironment().export() sets both kinds; the exported ones are used
+    # torchrun started inside a Slurm step: its own variables describe the world
     env = resolve_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "a", "MASTER_PORT": "9",
-                       "SLURM_PROCID": "7", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3"})
+                       "SLURM_PROCID": "7", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "3"})
     assert (env.rank, env.world_size, env.local_rank, env.source) == (1, 2, 1, "torchrun")
 
 
 def test_slurm_without_scontrol(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
-    env = resolve_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123",
+    env = resolve_env({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123",
                        "SLURM_JOB_NODELIST": "gpu[01-02]"})
     assert (env.rank, env.world_size, env.local_rank, env.source) == (3, 4, 1, "slurm")
     assert env.master_addr == "127.0.0.1" and env.master_port == 20123
-    env = resolve_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "MASTER_ADDR": "head", "MASTER_PORT": "4321"})
+    env = resolve_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "MASTER_ADDR": "head", "MASTER_PORT": "4321"})
     assert (env.master_addr, env.master_port, env.local_rank) == ("head", 4321, 0)
+    env = resolve_env({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]",
+                       "SCALEPT_MASTER_ADDR": "127.0.0.1", "SCALEPT_MASTER_PORT": "2345"})  # slurm/local-cluster.sh
+    assert (env.rank, env.master_addr, env.master_port) == (1, "127.0.0.1", 2345)
+
+
+def test_a_batch_script_outside_srun_is_one_process():
+    # sbatch sets SLURM_NTASKS for the whole job, but only srun starts its tasks
+    assert resolve_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7"}).world_size == 1
+
+
+def test_a_rank_outside_its_step_is_one_line():
+    with pytest.raises(ConfigError, match="SLURM_PROCID=2 is outside the 2 tasks"):
+        resolve_env({"SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "2"})
 
 
 def test_slurm_master_is_the_first_host_of_the_nodelist(monkeypatch, tmp_path):
@@ -49,13 +63,13 @@ def test_slurm_master_is_the_first_host_of_the_nodelist(monkeypatch, tmp_path):
     fake.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    env = resolve_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+    env = resolve_env({"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0",
                        "SLURM_JOB_NODELIST": "gpu[07-08]"})
     assert env.master_addr == "gpu07"
 
 
 def test_getters_outside_a_job(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(name, raising=False)
     distributed.init()
     assert (distributed.get_rank(), distributed.get_world_size(), distributed.get_local_rank()) == (0, 1, 0)

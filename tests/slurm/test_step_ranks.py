@@ -7,20 +7,8 @@ import sys
 
 import numpy as np
 
-from preprocessing.preprocess import run, step_rank
+from preprocessing.preprocess import run
 from scalept.data.tiles import TileFile, is_complete, tile_file_path
-
-
-def test_step_rank_comes_from_srun_only(monkeypatch):
-    for name in ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(name, raising=False)
-    assert step_rank() == (0, 1)
-    monkeypatch.setenv("SLURM_NTASKS", "2")  # a batch script of a 2-task job, outside srun: one process
-    monkeypatch.setenv("SLURM_PROCID", "0")
-    assert step_rank() == (0, 1)
-    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
-    monkeypatch.setenv("SLURM_PROCID", "1")
-    assert step_rank() == (1, 2)
 
 
 def test_array_index_of_the_hydra_launcher_is_not_a_unit(compose_cfg, monkeypatch):
