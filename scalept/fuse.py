@@ -49,8 +49,8 @@ from scalept.data.tiles import TileFile, tile_file_path
 from scalept.distributed import device as dist_device
 from scalept.errors import ConfigError
 from scalept.fusion_kernels import WEIGHTINGS, fill_from_map, fill_nearest, fuse_frame
-from scalept.infer import infer_dir, infer_sequences
-from scalept.shards import Chunk, InferenceError, plan_chunks, shard_kind, usable_chunk_file, values_name
+from scalept.shards import (Chunk, InferenceError, plan_chunks, predicted_sequences, shard_dir, shard_kind,
+                            usable_chunk_file, values_name)
 from scalept.metrics import (accuracy, confusion_matrix, iou_per_class, iou_table, mean_iou, mean_iou_present,
                              save_confusion_png)
 
@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 def fusion_output_dir(cfg: DictConfig) -> Path:
     """Where the fused outputs go: the shards' folder, or ``<name>-lowest`` for the lowest-H variant."""
-    base = infer_dir(cfg)
+    base = shard_dir(cfg)
     weighting = cfg.fusion.get("weighting")
     if cfg.fusion.name == "mc_uncertainty" and weighting == "lowest":
         return base.with_name(f"{base.name}-lowest")
@@ -78,31 +78,31 @@ def read_manifest(shard_dir: Path) -> dict:
 
 def check_shards(cfg: DictConfig) -> tuple[dict, dict[str, TileFile], dict[str, list[tuple[Chunk, Path]]]]:
     """Every frame of every sequence has a usable chunk file with all its tiles; else one-line error."""
-    shard_dir = infer_dir(cfg)
-    manifest = read_manifest(shard_dir)
-    sequences = infer_sequences(cfg)
+    folder = shard_dir(cfg)
+    manifest = read_manifest(folder)
+    sequences = predicted_sequences(cfg)
     tile_files = {s: TileFile(tile_file_path(cfg.tiles_dir, cfg.sampling.name, s)) for s in sequences}
     for s in sequences:
         inferred = manifest["sequences"].get(s)
         if inferred != tile_files[s].num_frames:
             what = "was not predicted" if inferred is None else f"was predicted with {inferred} frames, " \
                                                                 f"its tile file has {tile_files[s].num_frames}"
-            raise InferenceError(f"{shard_dir}: sequence {s} {what}; rerun stage=infer with infer.splits="
+            raise InferenceError(f"{folder}: sequence {s} {what}; rerun stage=infer with infer.splits="
                                  f"{list(cfg.infer.splits)}")
     expect = {k: manifest[k] for k in ("kind", "fusion", "mc_passes", "num_classes", "checkpoint", "sampling")}
     if expect["sampling"] != cfg.sampling.name:
-        raise InferenceError(f"{shard_dir}: predicted with sampling={expect['sampling']}, fusing with "
+        raise InferenceError(f"{folder}: predicted with sampling={expect['sampling']}, fusing with "
                              f"sampling={cfg.sampling.name}; use the same sampling (or run_dir)")
     world = int(manifest["world_size"])
     owners = {(c["sequence"], c["start"], c["stop"]): c["rank"] for c in manifest["chunks"]}
     chunks = plan_chunks({s: tile_files[s].num_frames for s in sequences}, int(manifest["frames_per_chunk"]))
     found: dict[str, list[tuple[Chunk, Path]]] = {s: [] for s in sequences}
     for chunk in chunks:
-        path, why = usable_chunk_file(shard_dir, chunk, tile_files[chunk.sequence], expect)
+        path, why = usable_chunk_file(folder, chunk, tile_files[chunk.sequence], expect)
         if path is None:
             rank = owners.get((chunk.sequence, chunk.start, chunk.stop), "?")
             name = chunk.file_name(rank) if isinstance(rank, int) else chunk.pattern
-            raise InferenceError(f"{shard_dir}: missing inference for {chunk}: shard {name} of rank {rank}/{world} "
+            raise InferenceError(f"{folder}: missing inference for {chunk}: shard {name} of rank {rank}/{world} "
                                  f"{'not found' if why == 'not found' else 'unusable (' + why + ')'}; rerun "
                                  "stage=infer with the same config (finished chunks are kept)")
         found[chunk.sequence].append((chunk, path))

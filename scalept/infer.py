@@ -36,30 +36,15 @@ from omegaconf import DictConfig, OmegaConf
 from scalept.atomic import atomic_path, remove_stale_temporaries
 from scalept.checkpoint import checkpoint_path, load_checkpoint, model_signature
 from scalept.data.batching import pack
-from scalept.data.dataset import split_sequences
 from scalept.data.semantickitti import NUM_CLASSES
 from scalept.data.tiles import TileFile, open_checked, tile_file_path
 from scalept.distributed import barrier, get_rank, get_world_size, session
 from scalept.distributed import device as dist_device
 from scalept.errors import ConfigError
-from scalept.shards import (Chunk, ChunkWriter, chunk_owner, chunk_tiles, plan_chunks, shard_chunks, shard_kind,
-                            usable_chunk_file)
+from scalept.shards import (Chunk, ChunkWriter, chunk_owner, chunk_tiles, plan_chunks, predicted_sequences,
+                            shard_chunks, shard_dir, shard_kind, usable_chunk_file)
 
 log = logging.getLogger(__name__)
-
-def infer_dir(cfg: DictConfig) -> Path:
-    """``<run_dir>/infer/<fusion.name>``: this fusion's shards (and, for most fusions, its outputs)."""
-    shard_kind(str(cfg.fusion.name))
-    return Path(cfg.run_dir) / "infer" / str(cfg.fusion.name)
-
-
-def infer_sequences(cfg: DictConfig) -> list[str]:
-    """Sequences of the splits named in ``infer.splits``, each once, in order."""
-    names = split_sequences(cfg.dataset.splits, cfg.infer.splits, "infer.splits")
-    if not names:
-        raise ConfigError(f"infer.splits={list(cfg.infer.splits)} holds no sequence; nothing to predict")
-    return names
-
 
 # --------------------------------------------------------------------------- checkpoint and model
 
@@ -268,9 +253,9 @@ def run(cfg: DictConfig, rank: int | None = None, world_size: int | None = None)
 def _predict(cfg: DictConfig, rank: int, world_size: int) -> dict:
     started = time.perf_counter()
     kind, passes, budget = _check(cfg)
-    out_dir = infer_dir(cfg)
+    out_dir = shard_dir(cfg)
     remove_stale_temporaries(out_dir)
-    sequences = infer_sequences(cfg)
+    sequences = predicted_sequences(cfg)
     device = dist_device(str(cfg.infer.get("device", "auto")), "infer.device")
     model, grid_size, digest = load_model(cfg, device)  # one-line error if missing or of another config
     paths = [tile_file_path(cfg.tiles_dir, cfg.sampling.name, s) for s in sequences]

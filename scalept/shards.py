@@ -44,8 +44,10 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from omegaconf import DictConfig
 
 from scalept.atomic import atomic_path, disk_full_error, ensure_free_space, is_disk_full
+from scalept.data.dataset import split_sequences
 from scalept.data.tiles import TileFile
 from scalept.errors import ConfigError, ScalePTError
 
@@ -65,6 +67,20 @@ def shard_kind(fusion_name: str) -> str:
         raise ConfigError(f"fusion.name={fusion_name!r} is unknown; choose one of {', '.join(FUSIONS)} "
                           "(conf/fusion/*.yaml)")
     return FUSIONS[fusion_name]
+
+
+def shard_dir(cfg: DictConfig) -> Path:
+    """``<run_dir>/infer/<fusion.name>``: this fusion's shards (and, for most fusions, its fused outputs)."""
+    shard_kind(str(cfg.fusion.name))
+    return Path(cfg.run_dir) / "infer" / str(cfg.fusion.name)
+
+
+def predicted_sequences(cfg: DictConfig) -> list[str]:
+    """Sequences of the splits named in ``infer.splits``, each once, in order: what infer writes, fuse reads."""
+    names = split_sequences(cfg.dataset.splits, cfg.infer.splits, "infer.splits")
+    if not names:
+        raise ConfigError(f"infer.splits={list(cfg.infer.splits)} holds no sequence; nothing to predict")
+    return names
 
 
 def values_name(kind: str) -> str:

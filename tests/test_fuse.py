@@ -14,7 +14,7 @@ from scalept import fuse, fusion_kernels, infer
 from scalept.data.semantickitti import NUM_CLASSES, read_labels
 from scalept.data.tiles import TileFile, tile_file_path
 from scalept.errors import ConfigError, ScalePTError
-from scalept.shards import InferenceError
+from scalept.shards import InferenceError, shard_dir
 
 
 def test_unknown_fusion_and_weighting_are_one_line_config_errors(tmp_path):
@@ -72,7 +72,7 @@ def test_rerun_skips_fusion_until_an_input_or_an_output_changes(inferred, tmp_pa
     root = _copy(inferred, tmp_path)
     cfg = compose(*base_overrides(root))
     first = fuse.run(cfg)
-    out = infer.infer_dir(cfg)
+    out = shard_dir(cfg)
     labels = sorted((out / "sequences" / "08" / "predictions").glob("*.label"))
     stamps = {p: p.stat().st_mtime_ns for p in [*labels, out / "metrics.json"]}
     assert fuse.run(cfg) == first
@@ -94,7 +94,7 @@ def test_fill_map_gives_what_the_nearest_neighbour_search_gives(inferred, tmp_pa
     cfg = compose(*overrides)
     tiles = tile_file_path(cfg.tiles_dir, cfg.sampling.name, "08")
     assert TileFile(tiles).has_fill_map  # written by the preprocessing stage
-    out = infer.infer_dir(cfg)
+    out = shard_dir(cfg)
 
     def outputs():
         metrics = fuse.run(cfg)
@@ -122,7 +122,7 @@ def test_fusion_on_the_gpu_writes_what_the_cpu_writes(inferred, tmp_path, fusion
     for device in ("cpu", "cuda"):
         cfg = compose(*base_overrides(root), *extra, f"fuse.device={device}")
         metrics = fuse.run(cfg)
-        out = infer.infer_dir(cfg) / "sequences" / "08"
+        out = shard_dir(cfg) / "sequences" / "08"
         labels = {p.name: read_labels(p) for p in sorted(out.glob("predictions/*.label"))}
         entropy = {p.name: np.load(p) for p in sorted(out.glob("entropy/*.npy"))}
         outputs[device] = metrics, labels, entropy

@@ -12,6 +12,7 @@ from scalept.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from scalept.data.dataset import voxelize
 from scalept.data.semantickitti import read_labels, to_raw
 from scalept.data.tiles import TileFile, TileFileError, tile_file_path
+from scalept.shards import shard_dir
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -50,7 +51,7 @@ def test_shards_cover_every_tile_exactly_once(block_tiles, world_size):
 def test_rerun_skips_finished_chunks_whatever_the_world_size(block_tiles):
     cfg = compose(*base_overrides(block_tiles), "infer.frames_per_chunk=1")
     save_random_checkpoint(cfg)
-    out = infer.infer_dir(cfg)
+    out = shard_dir(cfg)
     # two ranks of a world of 2, run one after the other in this process
     first = [infer.run(cfg, rank=r, world_size=2) for r in (0, 1)]
     assert [s["chunks_predicted"] for s in first] == [2, 1]
@@ -88,7 +89,7 @@ def test_fused_labels_equal_whole_frame_prediction_with_sampling_none(tmp_path):
     model.load_state_dict(state["model"])
     model.eval()
     tile_file = TileFile(tile_file_path(cfg.tiles_dir, "none", "08"))
-    out = infer.infer_dir(cfg) / "sequences" / "08" / "predictions"
+    out = shard_dir(cfg) / "sequences" / "08" / "predictions"
     for f in range(tile_file.num_frames):
         points = tile_file.frame(f).points
         chosen, grid, inverse = voxelize(points[:, :3], state["grid_size"])
@@ -137,7 +138,7 @@ def test_point_budget_batches_keep_the_budget_and_change_no_prediction(block_til
     labels = {}
     for name, budget_override in (("alone", "infer.batch_points=1"), ("packed", "infer.batch_points=1000000")):
         run_cfg = compose(*base_overrides(block_tiles), "infer.frames_per_chunk=2", budget_override)
-        out = infer.infer_dir(run_cfg)
+        out = shard_dir(run_cfg)
         for shard in out.glob("shard-*.h5"):
             shard.unlink()
         infer.run(run_cfg, rank=0, world_size=1)
