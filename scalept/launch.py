@@ -57,8 +57,8 @@ def _log_rank(job, env) -> None:
 def run(cfg: DictConfig) -> None:
     """Run the stage's steps; in a Slurm job of several tasks, as one DDP world with barriers between steps.
 
-    In a Slurm job that predicts, fusion (which needs every rank's shards) becomes a job of its
-    own that rank 0 submits with afterok on this one, whatever the number of tasks.
+    In a Slurm job that predicts, fusion (which needs every rank's shards) is a job of its own,
+    submitted with the sweep (hydra_plugins/scalept_slurm/sweep_launcher.py), so this job leaves it out.
     """
     check_config(cfg)  # every value, before any work (again in every job)
     check_output_dirs(cfg)
@@ -67,8 +67,7 @@ def run(cfg: DictConfig) -> None:
         if step not in STEPS:
             raise ConfigError(f"stage.steps names {step!r}; known steps: {', '.join(STEPS)}")
     job = _submitit_job()
-    fuse_later = job is not None and "fuse" in steps and "infer" in steps
-    if fuse_later:
+    if job is not None and "fuse" in steps and "infer" in steps:
         steps.remove("fuse")
     if job is None or job.num_tasks == 1:
         for step in steps:
@@ -92,8 +91,6 @@ def run(cfg: DictConfig) -> None:
                         raise
                 if index + 1 < len(steps):  # the next step reads what every rank of this one wrote
                     distributed.barrier()
-    if fuse_later and job.global_rank == 0:
-        slurm_jobs.submit_fuse(cfg, job)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -9,11 +9,13 @@ cluster sees, in dependency order (every arrow is ``--dependency=afterok``):
 3. the sweep's array job (hydra-submitit-launcher), one task per sweep point, each
    ``nodes`` nodes wide; it waits for every preprocessing array of the sweep (one
    array job has one dependency list);
-4. ``scalept-fuse``: one per sweep point, submitted by that point's rank 0 when
-   training and inference have finished, starting when its array task ended well.
+4. ``scalept-fuse``: one per sweep point that predicts, starting when its array task
+   ended well.
 
 Steps 1-2 happen in :class:`PrepareSweep`, a Hydra callback that runs in the
-launching process before the launcher submits anything; step 4 in :func:`submit_fuse`.
+launching process before the launcher submits anything; steps 3-4 in
+:class:`hydra_plugins.scalept_slurm.sweep_launcher.SweepLauncher`, with :func:`submit_fusion`. Every job is
+submitted from the login node.
 Jobs with a dependency that can no longer be met are cancelled by Slurm
 (``--kill-on-invalid-dep=yes``) rather than left pending forever.
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -63,17 +64,6 @@ def executor(launcher: DictConfig, job_name: str, dependency: str | None = None,
     return ex
 
 
-def _submit_from_job(submit):
-    """Run ``submit()`` without this job's SLURM_* variables (they would leak into sbatch), keeping SLURM_CONF."""
-    import submitit
-
-    slurm_conf = os.environ.get("SLURM_CONF")
-    with submitit.helpers.clean_env():
-        if slurm_conf:  # the cluster's config file is no property of this job
-            os.environ["SLURM_CONF"] = slurm_conf
-        return submit()
-
-
 # ----------------------------------------------------------------------------- fusion after the job
 
 
@@ -84,16 +74,20 @@ def fuse_job(cfg: DictConfig) -> None:
     STEPS["fuse"](cfg)
 
 
-def submit_fuse(cfg: DictConfig, job) -> str:
-    """Submit fusion as its own one-task job that starts when this job has ended well (afterok)."""
-    from hydra.core.hydra_config import HydraConfig
+def submit_fusion(point: DictConfig, after: str) -> str:
+    """Submit one sweep point's fusion as a one-task job that starts once job ``after`` ended well.
 
-    launcher = HydraConfig.get().launcher
-    ex = executor(launcher, "scalept-fuse", dependency=f"afterok:{job.job_id}", nodes=1, ntasks_per_node=1,
+    ``point`` is the point's whole config (``hydra`` included), as the launcher composes it.
+    """
+    launcher = point.hydra.launcher
+    cfg = copy.deepcopy(point)
+    with open_dict(cfg):
+        del cfg["hydra"]  # what the stage sees, as in the sweep's own jobs
+    ex = executor(launcher, "scalept-fuse", dependency=f"afterok:{after}", nodes=1, ntasks_per_node=1,
                   time=int(launcher.timeout_min), cpus_per_task=launcher.cpus_per_task,
                   mem=None if launcher.mem_gb is None else f"{launcher.mem_gb}GB")
-    fuse_id = _submit_from_job(lambda: ex.submit(fuse_job, cfg).job_id)
-    log.info("scalept-launch: fusion submitted as job %s (afterok:%s)", fuse_id, job.job_id)
+    fuse_id = ex.submit(fuse_job, cfg).job_id
+    log.info("scalept-launch: fusion of %s: job %s (afterok:%s)", cfg.run_dir, fuse_id, after)
     return fuse_id
 
 

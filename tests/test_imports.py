@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("scalept", "preprocessing")
-ORCHESTRATION = {"scalept.launch", "scalept.slurm_jobs"}
+PACKAGES = ("scalept", "preprocessing", "hydra_plugins")
+ORCHESTRATION = {"scalept.launch", "scalept.slurm_jobs", "hydra_plugins.scalept_slurm.sweep_launcher"}
 
 
 def module_name(path: Path) -> str:
@@ -83,3 +83,11 @@ def test_stages_and_model_never_import_orchestration():
         if name.startswith(("scalept.model", "scalept.data", "scalept.training", "preprocessing")) or name in (
                 "scalept.train", "scalept.infer", "scalept.fuse", "scalept.steps", "scalept.distributed"):
             assert not targets & ORCHESTRATION, f"{name} imports {targets & ORCHESTRATION}"
+
+
+def test_stages_meet_only_in_files():
+    """A stage reads what the stage before it wrote through the file modules (tiles, shards, checkpoint)."""
+    graph = import_graph()
+    stages = {"scalept.train", "scalept.infer", "scalept.fuse", "preprocessing.preprocess"}
+    for name in stages:
+        assert not graph[name] & stages, f"{name} imports {graph[name] & stages}"

@@ -66,8 +66,9 @@ def test_signalled_training_job_is_requeued_and_resumes_from_last(cluster, tmp_p
     assert (metrics["steps"], metrics["preempted"], metrics["world_size"]) == (TOTAL_STEPS, False, 2)
     fused = tmp_path / "run" / "infer" / "logit_average" / "metrics.json"
     fuse_jobs = [j for j, s in submitted_scripts(sweep).items() if job_name(s) == "scalept-fuse"]
-    assert len(fuse_jobs) == 1  # submitted once, by the run that finished
+    assert len(fuse_jobs) == 1  # submitted once, with the sweep, and run after the requeued job finished
     (fuse,) = cluster.wait_finished(fuse_jobs[0], timeout=120)
     assert fuse["JobState"] == "COMPLETED" and 0.0 <= json.loads(fused.read_text())["miou"] <= 1.0
+    assert cluster.time(fuse, "StartTime") >= cluster.time(record, "EndTime")  # afterok held it through the requeue
     print(f"\njob {job}: USR2 at step {stopped_at}, requeued (Restarts={record['Restarts']}), "
           f"resumed at step {resumed.group(1)}, finished {TOTAL_STEPS} steps; fusion job {fuse_jobs[0]}")

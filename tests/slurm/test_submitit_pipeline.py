@@ -72,13 +72,15 @@ def test_sweep_runs_as_preprocessing_arrays_one_ddp_array_job_and_dependent_fusi
             (job, rank_s, world, node), = RANK_LINE.findall(log)
             assert job == task_id
             seen[rank_s] = (world, node)
-            assert ("fusion submitted as job" in log) == (rank == 0)
         assert seen == {"0": ("2", "n1"), "1": ("2", "n2")}
         assert "tiled 0 frames" in task_log(sweep, task_id, 0)  # the arrays had tiled everything
 
-    # (c) one fusion job per sweep point, after its own array task, started once inference had ended
+    # (c) one fusion job per sweep point, submitted by the launch (not by a compute job) after its own
+    # array task, started once inference had ended
     fuse_ids = by_name["scalept-fuse"]
     assert len(fuse_ids) == 2
+    for fuse_id in fuse_ids:
+        assert re.search(rf"scalept-launch: fusion of \S+: job {fuse_id} \(afterok:{sweep_job}_[01]\)", said), said[-3000:]
     fuses = {}
     for fuse_id in fuse_ids:
         (fuse,) = cluster.wait_finished(fuse_id, timeout=120)
