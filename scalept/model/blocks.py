@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from scalept.model.points import Level
+from scalept.model.points import Level, gather
 from scalept.model.sparse import SubMConv
 
 
@@ -85,14 +85,14 @@ class PatchAttention(Stochastic):
         split = p.full * p.size
         if not torch.is_grad_enabled() and not self.random and split > INFERENCE_ROWS:
             return self.proj(self._padded_in_groups(x, p)[p.scatter])
-        qkv = self.qkv(x)[p.gather]
+        qkv = gather(self.qkv(x), p.gather)
         parts = []
         if p.full:
             parts.append(self._attend(qkv[:split], p.size, None))
         if p.small:
             parts.append(self._attend(qkv[split:], p.small_len, p.mask))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return self.proj(out[p.scatter])
+        return self.proj(gather(out, p.scatter))
 
     def _padded_in_groups(self, x: torch.Tensor, p) -> torch.Tensor:
         """The padded attention output, about :data:`INFERENCE_ROWS` rows of patches at a time: each

@@ -93,6 +93,17 @@ class Level:
         return self._patches[key]
 
 
+def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` along the rows, with a backward that sums in a fixed order on the CPU.
+
+    The CPU backward of ``x[index]`` accumulates repeated indices in an order that depends on
+    thread timing, so two CPU trainings on a busy machine drift apart; ``index_select``'s
+    (``index_add_``) does not. On the GPU neither is bit-reproducible (atomics) and ``x[index]``
+    trains ~3 % faster (H200, full ptv3), so it stays there.
+    """
+    return x.index_select(0, index) if x.device.type == "cpu" else x[index]
+
+
 def _sort(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort(codes, dim=1, stable=True)
     positions = torch.arange(codes.shape[1], device=codes.device).expand_as(order)

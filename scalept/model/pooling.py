@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scalept.model.points import Level
+from scalept.model.points import Level, gather
 
 
 def _bn_act(channels: int, eps: float, momentum: float) -> nn.Sequential:
@@ -25,7 +25,7 @@ class GridPool(nn.Module):
         self.norm = _bn_act(out_channels, bn_eps, bn_momentum)
 
     def forward(self, feat: torch.Tensor, fine: Level) -> torch.Tensor:
-        x = self.proj(feat)[fine.order[0]]
+        x = gather(self.proj(feat), fine.order[0])
         return self.norm(torch.segment_reduce(x, "max", lengths=fine.pool_lengths, axis=0))
 
 
@@ -40,4 +40,4 @@ class GridUnpool(nn.Module):
         )
 
     def forward(self, coarse: torch.Tensor, skip: torch.Tensor, fine: Level) -> torch.Tensor:
-        return self.proj_skip(skip) + self.proj(coarse)[fine.cluster]
+        return self.proj_skip(skip) + gather(self.proj(coarse), fine.cluster)
