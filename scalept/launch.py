@@ -73,30 +73,34 @@ def run(cfg: DictConfig) -> None:
         if step not in STEPS:
             raise ConfigError(f"stage.steps names {step!r}; known steps: {', '.join(STEPS)}")
     job = _submitit_job()
-    if job is not None and "fuse" in steps and "infer" in steps:
+    if job is not None and slurm_jobs.fusion_is_own_job(steps):
         steps.remove("fuse")
     if job is None or job.num_tasks == 1:
         for step in steps:
             STEPS[step](cfg)
     else:
-        import contextlib
+        _run_as_ranks(cfg, steps, job)
 
-        from scalept import distributed
 
-        _log_rank(job, distributed.get_env())
-        # one process group for every step of the job, when a step or a barrier needs one
-        grouped = len(steps) > 1 or not set(steps) <= {"synth", "preprocess", "fuse"}
-        with distributed.session() if grouped else contextlib.nullcontext():
-            for index, step in enumerate(steps):
-                if step not in ("synth", "fuse") or job.global_rank == 0:  # one writer of frames and fused labels
-                    try:
-                        STEPS[step](cfg)
-                    except TrainingInterrupted:  # preempted: rank 0 requeues the job (submitit), the others wait
-                        if job.global_rank != 0:
-                            slurm_jobs.wait_for_requeue(job)
-                        raise
-                if index + 1 < len(steps):  # the next step reads what every rank of this one wrote
-                    distributed.barrier()
+def _run_as_ranks(cfg: DictConfig, steps: list[str], job) -> None:
+    """Every task of a multi-task Slurm job: the steps in one process group, a barrier between two."""
+    import contextlib
+
+    from scalept import distributed
+
+    _log_rank(job, distributed.get_env())
+    grouped = len(steps) > 1 or not set(steps) <= {"synth", "preprocess", "fuse"}  # a step or a barrier needs one
+    with distributed.session() if grouped else contextlib.nullcontext():
+        for index, step in enumerate(steps):
+            if step not in ("synth", "fuse") or job.global_rank == 0:  # one writer of frames and fused labels
+                try:
+                    STEPS[step](cfg)
+                except TrainingInterrupted:  # preempted: rank 0 requeues the job (submitit), the others wait
+                    if job.global_rank != 0:
+                        slurm_jobs.wait_for_requeue(job)
+                    raise
+            if index + 1 < len(steps):  # the next step reads what every rank of this one wrote
+                distributed.barrier()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -74,6 +74,11 @@ def fuse_job(cfg: DictConfig) -> None:
     STEPS["fuse"](cfg)
 
 
+def fusion_is_own_job(steps) -> bool:
+    """On Slurm a point that predicts fuses in a job of its own (it needs every rank's shards)."""
+    return "infer" in steps and "fuse" in steps
+
+
 def submit_fusion(point: DictConfig, after: str) -> str:
     """Submit one sweep point's fusion as a one-task job that starts once job ``after`` ended well.
 

@@ -20,7 +20,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf
 
-from scalept.slurm_jobs import submit_fusion
+from scalept.slurm_jobs import fusion_is_own_job, submit_fusion
 
 log = logging.getLogger("scalept")
 
@@ -32,8 +32,7 @@ class SweepLauncher(SlurmLauncher):
         jobs = self._submit_sweep(job_overrides, initial_job_idx)
         for overrides, job in zip(job_overrides, jobs):
             point = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            steps = list(point.stage.steps)
-            if "infer" in steps and "fuse" in steps:  # the point's job trains and predicts; fusion comes after
+            if fusion_is_own_job(list(point.stage.steps)):  # the point's job predicts; fusion comes after
                 submit_fusion(point, job.job_id)
         return [job.results()[0] for job in jobs]
 
