@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from preprocessing.tiling import make_tiles
 from scalept.distributed import resolve_env
 from scalept.errors import ConfigError
+from scalept.plan import Plan
 from scalept.data.dataset import split_sequences
 from scalept.atomic import remove_stale_temporaries
 from scalept.data.semantickitti import IGNORE_INDEX, Sequence
@@ -61,6 +62,19 @@ def sequences_of(cfg: DictConfig) -> list[str]:
 def plan_units(cfg: DictConfig) -> list[Unit]:
     """Every (sequence, chunk) unit; array task i does unit i, so the order must be stable."""
     return [unit for name in sequences_of(cfg) for unit in sequence_units(cfg, name)]
+
+
+def pending_sequences(cfg: DictConfig) -> list[str]:
+    """Sequences of ``preprocess.splits`` without a complete tile file for ``sampling``."""
+    return [s for s in sequences_of(cfg) if not is_complete(tile_file_path(cfg.tiles_dir, cfg.sampling.name, s))]
+
+
+def plan(cfg: DictConfig) -> Plan:
+    """The units of sequences whose tile file is missing or incomplete, numbered as array tasks."""
+    units, pending = plan_units(cfg), set(pending_sequences(cfg))
+    todo = [f"task {i}: sequence {u.sequence}, frames {u.start}-{u.stop}" for i, u in enumerate(units)
+            if u.sequence in pending]
+    return Plan("preprocess", len(units), todo, [str(Path(cfg.tiles_dir) / str(cfg.sampling.name))])
 
 
 def sequence_units(cfg: DictConfig, sequence_name: str) -> list[Unit]:

@@ -51,6 +51,10 @@ def model_signature(model_cfg: Mapping, num_classes: int, grid_size: float) -> s
     return json.dumps({"model": model, "num_classes": num_classes, "grid_size": grid_size}, sort_keys=True)
 
 
+# What model_record writes and every reader needs: the weights and what they are.
+RECORD_KEYS = frozenset({"model", "model_cfg", "num_classes", "class_names", "grid_size", "signature"})
+
+
 def model_record(model: torch.nn.Module, model_cfg: Mapping, class_names: Sequence[str], grid_size: float) -> dict:
     """The part of every checkpoint that makes it self-describing: the weights, the model config they
     were built from, the classes and the grid, and the signature of the three."""
@@ -62,7 +66,7 @@ def model_record(model: torch.nn.Module, model_cfg: Mapping, class_names: Sequen
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping) -> None:
     """Write ``state`` (a :func:`model_record` plus anything else) atomically."""
-    missing = {"model", "model_cfg", "num_classes", "grid_size", "signature"} - set(state)
+    missing = RECORD_KEYS - set(state)
     if missing:
         raise ValueError(f"checkpoint state lacks {sorted(missing)}")
     ensure_free_space(path, _tensor_bytes(state) + (1 << 20))
@@ -91,12 +95,25 @@ def load_checkpoint(path: str | os.PathLike, signature: str | None = None, map_l
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise CheckpointError(f"{path}: not a readable ScalePT checkpoint ({type(err).__name__}); delete it "
                               "or point run_dir elsewhere") from None
-    if not isinstance(state, dict) or "signature" not in state or "model" not in state:
-        raise CheckpointError(f"{path}: not a ScalePT checkpoint (no model signature)")
+    if not isinstance(state, dict) or not RECORD_KEYS <= set(state):
+        raise CheckpointError(f"{path}: not a self-describing ScalePT checkpoint (it lacks "
+                              f"{sorted(RECORD_KEYS - set(state)) if isinstance(state, dict) else 'everything'}); "
+                              "train again to write one")
     if signature is not None and state["signature"] != signature:
         raise CheckpointError(f"{path}: saved for another model configuration ({_difference(state['signature'], signature)}); "
                               "use the same model/train.grid_size as that run, or another run_dir")
     return state
+
+
+def saved_progress(path: str | os.PathLike) -> dict | None:
+    """``step`` and ``finished`` of a training checkpoint, without reading its tensors; None if unreadable."""
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - missing, half-written or not a checkpoint: no progress to report
+        return None
+    if not isinstance(state, dict):
+        return None
+    return {"step": int(state.get("step", 0)), "finished": bool(state.get("finished", False))}
 
 
 def _difference(saved: str, wanted: str) -> str:

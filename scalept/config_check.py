@@ -18,6 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from scalept.errors import ConfigError
 
+# The Hydra config folder (conf/ beside the package: installs are editable, as the README says).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
 # predicates: (test, what a right value looks like)
 Rule = tuple[Callable[[object], bool], str]
 
@@ -55,9 +58,13 @@ SCALE_RANGE: Rule = (lambda v: isinstance(v, list) and len(v) == 2 and all(_numb
                      and v[0] <= v[1], "[low, high] with 0 < low <= high")
 DEVICE: Rule = (lambda v: isinstance(v, str) and re.match(r"^(auto|cpu|cuda(:\d+)?)$", v) is not None,
                 "auto, cpu, cuda or cuda:<index>")
+CHECKPOINT: Rule = (lambda v: v in ("best", "last") or (isinstance(v, str) and v.endswith(".pt") and Path(v).is_file()),
+                    "best or last (of run_dir/checkpoints), or the path of an existing .pt checkpoint file")
 
 RULES: dict[str, Rule] = {
-    "seed": INTEGER, "nodes": COUNT,
+    "seed": INTEGER, "nodes": COUNT, "dry_run": FLAG,
+    "dataset.synthetic.seed": INTEGER, "dataset.synthetic.frames_per_sequence": COUNT,
+    "dataset.synthetic.azimuth_steps": COUNT, "dataset.synthetic.workers": optional(COUNT),
     "preprocess.frames_per_task": COUNT, "preprocess.task_id": optional(NON_NEGATIVE_INT), "preprocess.dry_run": FLAG,
     "preprocess.crop.min_range": optional(NON_NEGATIVE), "preprocess.crop.max_range": optional(POSITIVE),
     "preprocess.crop.min_z": optional((_number, "a number")), "preprocess.crop.max_z": optional((_number, "a number")),
@@ -77,7 +84,7 @@ RULES: dict[str, Rule] = {
     "optim.lr_scaling": one_of("none", "linear", "sqrt"), "optim.reference_voxels": POSITIVE,
     "optim.pct_start": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"), "optim.div_factor": POSITIVE,
     "optim.final_div_factor": POSITIVE,
-    "infer.batch_points": COUNT, "infer.num_workers": NON_NEGATIVE_INT, "infer.checkpoint": one_of("best", "last"),
+    "infer.batch_points": COUNT, "infer.num_workers": NON_NEGATIVE_INT, "infer.checkpoint": CHECKPOINT,
     "infer.frames_per_chunk": COUNT, "infer.device": DEVICE, "infer.amp": FLAG,
     "fuse.device": DEVICE,
     "fusion.name": one_of("logit_average", "softmax_average", "mc_uncertainty"), "fusion.mc_passes": COUNT,

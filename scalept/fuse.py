@@ -47,10 +47,11 @@ from scalept.atomic import atomic_path
 from scalept.data.semantickitti import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, to_raw, write_labels
 from scalept.data.tiles import TileFile, tile_file_path
 from scalept.distributed import device as dist_device
-from scalept.errors import ConfigError
+from scalept.errors import ConfigError, ScalePTError
 from scalept.fusion_kernels import WEIGHTINGS, fill_from_map, fill_nearest, fuse_frame
 from scalept.shards import (Chunk, InferenceError, plan_chunks, predicted_sequences, shard_dir, shard_kind,
                             usable_chunk_file, values_name)
+from scalept.plan import Plan
 from scalept.metrics import (accuracy, confusion_matrix, iou_per_class, iou_table, mean_iou, mean_iou_present,
                              save_confusion_png)
 
@@ -135,8 +136,7 @@ class _Settings:
         method = str(cfg.fusion.name)
         device = dist_device(str(cfg.fuse.device), "fuse.device")  # one line if CUDA is asked for but absent
         kind = shard_kind(method)
-        weighting = str(cfg.fusion.get("weighting", "entropy"))
-        temperature = float(cfg.fusion.get("temperature", 0.1))
+        weighting, temperature = cfg.fusion.get("weighting"), cfg.fusion.get("temperature")  # mc_uncertainty's keys
         if method == "mc_uncertainty":
             if weighting not in WEIGHTINGS:
                 raise ConfigError(f"fusion.weighting={weighting!r} is unknown; choose one of {', '.join(WEIGHTINGS)}")
@@ -281,6 +281,24 @@ def run(cfg: DictConfig) -> dict:
     metrics = {**_metrics(cfg, settings, manifest, found, scored_sequences, tally, out_dir), "inputs_sha1": digest}
     _write_scores(cfg, settings, metrics, tally, out_dir)
     return metrics
+
+
+def plan(cfg: DictConfig) -> Plan:
+    """Done when ``metrics.json`` was written from the same shards and tile files, as :func:`run` decides."""
+    settings = _Settings.of(cfg)
+    out_dir = fusion_output_dir(cfg)
+    outputs = [str(out_dir / "sequences"), str(out_dir / "metrics.json")]
+    try:
+        _, tile_files, found = check_shards(cfg)
+    except ConfigError:
+        raise
+    except ScalePTError:  # shards or tiles not there yet: everything is left
+        return Plan("fuse", 1, ["every predicted frame, once inference is done"], outputs)
+    if _finished_metrics(out_dir, inputs_digest(settings, tile_files, found), tile_files,
+                         settings.kind == "mc") is not None:
+        return Plan("fuse", 1, [], outputs)
+    frames = sum(tf.num_frames for tf in tile_files.values())
+    return Plan("fuse", 1, [f"{frames} frames of sequences {', '.join(tile_files)}"], outputs)
 
 
 def inputs_digest(settings: _Settings, tile_files: dict[str, TileFile], found: dict) -> str:

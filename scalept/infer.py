@@ -2,7 +2,7 @@
 
 ``python -m scalept.launch stage=infer fusion=<name> run_dir=...`` loads
 ``<run_dir>/checkpoints/<infer.checkpoint>.pt`` (refusing one of another model
-configuration), reads the tile files ``<tiles_dir>/<sampling>/<SS>.h5`` of the
+configuration) or the checkpoint file ``infer.checkpoint=<path>.pt``, reads the tile files ``<tiles_dir>/<sampling>/<SS>.h5`` of the
 sequences of ``infer.splits`` and writes, for every tile point, what fusion needs:
 
 * ``logit_average``: the logits (float16), the mean over ``fusion.mc_passes``
@@ -31,16 +31,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from scalept.atomic import atomic_path, remove_stale_temporaries
 from scalept.checkpoint import checkpoint_path, load_checkpoint, model_signature
 from scalept.data.batching import pack
 from scalept.data.semantickitti import NUM_CLASSES
-from scalept.data.tiles import TileFile, open_checked, tile_file_path
+from scalept.data.tiles import TileFile, is_complete, open_checked, tile_file_path
 from scalept.distributed import barrier, get_rank, get_world_size, session
 from scalept.distributed import device as dist_device
 from scalept.errors import ConfigError
+from scalept.plan import Plan
 from scalept.shards import (Chunk, ChunkWriter, chunk_owner, chunk_tiles, plan_chunks, predicted_sequences,
                             shard_chunks, shard_dir, shard_kind, usable_chunk_file)
 
@@ -55,18 +56,29 @@ def file_digest(path: str | os.PathLike) -> str:
         return hashlib.file_digest(f, "sha1").hexdigest()
 
 
+def checkpoint_file(cfg: DictConfig) -> Path:
+    """``infer.checkpoint``: ``best``/``last`` of ``<run_dir>/checkpoints``, or a ``.pt`` file of any run."""
+    name = str(cfg.infer.checkpoint)
+    return checkpoint_path(cfg.run_dir, name) if name in ("best", "last") else Path(name)
+
+
 def load_model(cfg: DictConfig, device: torch.device):
-    """The model of ``<run_dir>/checkpoints/<infer.checkpoint>.pt``, its grid size and the file's digest."""
+    """The model of ``infer.checkpoint``, its grid size and the file's digest.
+
+    The checkpoint describes itself (model config, classes, grid), so a file given by path needs
+    nothing else; this run's own ``best``/``last`` must still match ``model`` and
+    ``train.grid_size``, which catches a run_dir that belongs to another configuration.
+    """
     from scalept.model import build_model, cast_for_inference
 
-    path = checkpoint_path(cfg.run_dir, str(cfg.infer.checkpoint))
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    signature = model_signature(model_cfg, NUM_CLASSES, float(cfg.train.grid_size))
+    path = checkpoint_file(cfg)
+    own = str(cfg.infer.checkpoint) in ("best", "last")
+    signature = model_signature(cfg.model, NUM_CLASSES, float(cfg.train.grid_size)) if own else None
     state = load_checkpoint(path, signature)
-    model = build_model(state.get("model_cfg", model_cfg), int(state.get("num_classes", NUM_CLASSES)))
+    model = build_model(state["model_cfg"], int(state["num_classes"]))
     model.load_state_dict(state["model"])
-    cast_for_inference(model.to(device).eval(), device.type, bool(cfg.infer.get("amp", True)))
-    return model, float(state.get("grid_size", cfg.train.grid_size)), file_digest(path)
+    cast_for_inference(model.to(device).eval(), device.type, bool(cfg.infer.amp))
+    return model, float(state["grid_size"]), file_digest(path)
 
 
 def predict_batch(model, batch: Mapping[str, torch.Tensor], device: torch.device, kind: str, passes: int,
@@ -155,7 +167,7 @@ def _loader(paths: list[Path], pairs: list[tuple[int, int]], batch_sampler, grid
 def _check(cfg: DictConfig) -> tuple[str, int, int]:
     """(shard kind, MC passes, points per batch), each checked before the model is loaded."""
     kind = shard_kind(str(cfg.fusion.name))
-    passes = int(cfg.fusion.get("mc_passes", 1))
+    passes = int(cfg.fusion.mc_passes)
     if passes < 1:
         raise ConfigError(f"fusion.mc_passes={passes} must be >= 1")
     budget = cfg.infer.batch_points
@@ -256,13 +268,12 @@ def _predict(cfg: DictConfig, rank: int, world_size: int) -> dict:
     out_dir = shard_dir(cfg)
     remove_stale_temporaries(out_dir)
     sequences = predicted_sequences(cfg)
-    device = dist_device(str(cfg.infer.get("device", "auto")), "infer.device")
+    device = dist_device(str(cfg.infer.device), "infer.device")
     model, grid_size, digest = load_model(cfg, device)  # one-line error if missing or of another config
     paths = [tile_file_path(cfg.tiles_dir, cfg.sampling.name, s) for s in sequences]
     tile_files = dict(zip(sequences, open_checked(paths, cfg)))  # one line if missing or tiled otherwise
     chunks = plan_chunks({s: tile_files[s].num_frames for s in sequences}, int(cfg.infer.frames_per_chunk))
-    expect = {"kind": kind, "fusion": str(cfg.fusion.name), "mc_passes": passes, "num_classes": NUM_CLASSES,
-              "checkpoint": digest, "sampling": str(cfg.sampling.name)}
+    expect = _expected_shards(cfg, kind, passes, digest)
     if rank == 0:
         _write_manifest(cfg, out_dir, expect, tile_files, chunks, world_size)
     mine = shard_chunks(chunks, rank, world_size)
@@ -273,7 +284,7 @@ def _predict(cfg: DictConfig, rank: int, world_size: int) -> dict:
     seq_index = {s: i for i, s in enumerate(sequences)}
     pairs = [(seq_index[c.sequence], t) for c in todo for t in chunk_tiles(tile_files[c.sequence], c)]
     batches, per_chunk = _batches(tile_files, todo, budget)
-    amp = bool(cfg.infer.get("amp", True))
+    amp = bool(cfg.infer.amp)
     tiles = points = frames = 0
     # where the time goes: checks, model and loader start; loader wait, model + copy, HDF5
     phase_s = {"setup": 0.0, "read": 0.0, "predict": 0.0, "write": 0.0}
@@ -298,6 +309,30 @@ def _predict(cfg: DictConfig, rank: int, world_size: int) -> dict:
              rank, frames, tiles, points, elapsed, frames / elapsed if elapsed else 0.0, out_dir)
     barrier()
     return summary
+
+
+def _expected_shards(cfg: DictConfig, kind: str, passes: int, checkpoint_digest: str) -> dict:
+    """What a finished shard must have been written with to be kept on a rerun."""
+    return {"kind": kind, "fusion": str(cfg.fusion.name), "mc_passes": passes, "num_classes": NUM_CLASSES,
+            "checkpoint": checkpoint_digest, "sampling": str(cfg.sampling.name)}
+
+
+def plan(cfg: DictConfig) -> Plan:
+    """Chunks of frames without a usable shard (every chunk while tiles or checkpoint are missing)."""
+    kind, passes, _ = _check(cfg)
+    out_dir, sequences = shard_dir(cfg), predicted_sequences(cfg)
+    paths = {s: tile_file_path(cfg.tiles_dir, cfg.sampling.name, s) for s in sequences}
+    if not all(is_complete(p) for p in paths.values()):
+        return Plan("infer", len(sequences), [f"sequence {s}: every frame, once tiled" for s in sequences],
+                    [str(out_dir)])
+    tile_files = {s: TileFile(p) for s, p in paths.items()}
+    chunks = plan_chunks({s: f.num_frames for s, f in tile_files.items()}, int(cfg.infer.frames_per_chunk))
+    checkpoint = checkpoint_file(cfg)
+    if checkpoint.is_file():
+        expect = _expected_shards(cfg, kind, passes, file_digest(checkpoint))
+        chunks = [c for c in chunks if usable_chunk_file(out_dir, c, tile_files[c.sequence], expect)[0] is None]
+    total = len(plan_chunks({s: f.num_frames for s, f in tile_files.items()}, int(cfg.infer.frames_per_chunk)))
+    return Plan("infer", total, [str(c) for c in chunks], [str(out_dir)])
 
 
 def _chunk_seed(seed: int, chunk: Chunk) -> int:

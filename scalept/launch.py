@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 # Before torch (imported by the stages) loads OpenMP: idle threads sleep instead of spinning.
 # With other processes on the cores, spinning threads take the time slices their partners
@@ -21,12 +20,11 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from scalept import slurm_jobs  # noqa: E402
-from scalept.steps import STEPS  # noqa: E402
-from scalept.config_check import check_config, check_output_dirs  # noqa: E402
+from scalept.steps import check_steps, plan_step, run_step  # noqa: E402
+from scalept.config_check import CONF_DIR, check_config, check_output_dirs  # noqa: E402
 from scalept.errors import ConfigError, ScalePTError, TrainingInterrupted  # noqa: E402
 
 log = logging.getLogger("scalept")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def _array_task_id() -> int | None:
@@ -68,18 +66,28 @@ def run(cfg: DictConfig) -> None:
     """
     check_config(cfg)  # every value, before any work (again in every job)
     check_output_dirs(cfg)
-    steps = list(cfg.stage.steps)
-    for step in steps:
-        if step not in STEPS:
-            raise ConfigError(f"stage.steps names {step!r}; known steps: {', '.join(STEPS)}")
+    steps = check_steps(cfg.stage.steps)
+    if cfg.dry_run:
+        print_plans(cfg, steps)
+        return
     job = _submitit_job()
     if job is not None and slurm_jobs.fusion_is_own_job(steps):
         steps.remove("fuse")
     if job is None or job.num_tasks == 1:
         for step in steps:
-            STEPS[step](cfg)
+            run_step(step, cfg)
     else:
         _run_as_ranks(cfg, steps, job)
+
+
+def print_plans(cfg: DictConfig, steps: list[str]) -> None:
+    """``dry_run=true``: what each step has left, as its stage reads it from the files; no work done.
+
+    A step after one with work left is planned on today's files, so it shows everything it
+    would redo once the step before it has run.
+    """
+    for step in steps:
+        print("\n".join(plan_step(step, cfg).lines()), flush=True)
 
 
 def _run_as_ranks(cfg: DictConfig, steps: list[str], job) -> None:
@@ -94,7 +102,7 @@ def _run_as_ranks(cfg: DictConfig, steps: list[str], job) -> None:
         for index, step in enumerate(steps):
             if step not in ("synth", "fuse") or job.global_rank == 0:  # one writer of frames and fused labels
                 try:
-                    STEPS[step](cfg)
+                    run_step(step, cfg)
                 except TrainingInterrupted:  # preempted: rank 0 requeues the job (submitit), the others wait
                     if job.global_rank != 0:
                         slurm_jobs.wait_for_requeue(job)

@@ -38,7 +38,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from scalept.errors import ConfigError, ScalePTError
-from scalept.steps import STEPS
+from scalept.steps import plan_step, run_step
 
 log = logging.getLogger("scalept")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
@@ -71,7 +71,7 @@ def fuse_job(cfg: DictConfig) -> None:
     """Body of the fusion job: fuse the shards every rank of the sweep point's job wrote."""
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    STEPS["fuse"](cfg)
+    run_step("fuse", cfg)
 
 
 def fusion_is_own_job(steps) -> bool:
@@ -129,26 +129,6 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*choices)]
 
 
-def missing_sequences(cfg: DictConfig) -> list[str]:
-    """Sequences of ``preprocess.splits`` without a complete tile file for ``cfg.sampling``."""
-    from preprocessing.preprocess import sequences_of
-    from scalept.data.tiles import is_complete, tile_file_path
-
-    return [s for s in sequences_of(cfg) if not is_complete(tile_file_path(cfg.tiles_dir, cfg.sampling.name, s))]
-
-
-def synthetic_missing(cfg: DictConfig) -> bool:
-    """True when a synthetic dataset has fewer frames on disk than ``stage=synth`` would write."""
-    from scalept.data.dataset import split_sequences
-
-    if cfg.dataset.get("synthetic") is None:
-        return False
-    wanted = int(cfg.dataset.synthetic.frames_per_sequence)
-    root = Path(cfg.dataset.root) / "sequences"
-    return any(len(list((root / s / "velodyne").glob("*.bin"))) < wanted
-               for s in split_sequences(cfg.dataset.splits, list(cfg.dataset.splits), "dataset.splits"))
-
-
 def check_nodes(config: DictConfig, points: list[list[str]]) -> None:
     """``nodes`` is a whole number >= 1 and the same for every sweep point (one allocation per multirun)."""
     counts = {o.split("=", 1)[1] for point in points for o in point if o.split("=", 1)[0].lstrip("+") == "nodes"}
@@ -164,7 +144,7 @@ def synth_task(cfg: DictConfig) -> None:
     """Body of the synth job."""
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    STEPS["synth"](cfg)
+    run_step("synth", cfg)
 
 
 def preprocess_task(cfg: DictConfig, task_id: int) -> None:
@@ -174,7 +154,7 @@ def preprocess_task(cfg: DictConfig, task_id: int) -> None:
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         cfg.preprocess.task_id = task_id
-    STEPS["preprocess"](cfg)
+    run_step("preprocess", cfg)
 
 
 class PrepareSweep(Callback):
@@ -223,8 +203,6 @@ class PrepareSweep(Callback):
     def _submit(self, config: DictConfig, config_name: str | None, points: list[list[str]]) -> None:
         from hydra import compose
 
-        from preprocessing.preprocess import plan_units
-
         launcher = config.hydra.launcher
         job_ids, seen, synth_ids = [], set(), {}  # synth_ids: dataset root -> its synth job
         for overrides in points:
@@ -233,23 +211,24 @@ class PrepareSweep(Callback):
             if "preprocess" not in steps or "train" not in steps:
                 continue
             key = (str(Path(cfg.tiles_dir).resolve()), cfg.sampling.name)
-            if key in seen or not missing_sequences(cfg):
+            tiling = plan_step("preprocess", cfg)  # what the stage itself says is left
+            if key in seen or tiling.done:
                 continue
             seen.add(key)
             root = str(Path(cfg.dataset.root).resolve())
-            if root not in synth_ids and "synth" in steps and synthetic_missing(cfg):
+            if root not in synth_ids and "synth" in steps and not plan_step("synth", cfg).done:
                 synth_ids[root] = executor(launcher, "scalept-synth", **self.resources).submit(synth_task, cfg).job_id
                 log.info("scalept-launch: synthetic dataset %s: synth job %s", cfg.dataset.root, synth_ids[root])
                 job_ids.append(synth_ids[root])
             after = f"afterok:{synth_ids[root]}" if root in synth_ids else None
-            units = plan_units(cfg)
+            units = tiling.total  # array task i tiles unit i; those of finished sequences return at once
             ex = executor(launcher, f"scalept-preprocess-{cfg.sampling.name}", dependency=after, **self.resources)
             ex.update_parameters(array_parallelism=self.array_parallelism)
-            jobs = ex.map_array(preprocess_task, [cfg] * len(units), list(range(len(units))))
+            jobs = ex.map_array(preprocess_task, [cfg] * units, list(range(units)))
             array_id = jobs[0].job_id.split("_")[0]
             job_ids.append(array_id)
             log.info("scalept-launch: tiles of sampling=%s missing under %s: preprocessing array job %s "
-                     "(--array=0-%d%%%d)", cfg.sampling.name, cfg.tiles_dir, array_id, len(units) - 1,
+                     "(--array=0-%d%%%d)", cfg.sampling.name, cfg.tiles_dir, array_id, units - 1,
                      self.array_parallelism)
         if not job_ids:
             return

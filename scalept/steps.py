@@ -1,71 +1,55 @@
-"""The steps a stage runs, by name, in the order ``conf/stage/pipeline.yaml`` lists them.
+"""The steps of ScalePT, by name and in pipeline order, and the stage module that does each one.
 
-Each step hands the whole config to its stage module (which reads and writes the files of
-docs/architecture.md). Both the launcher and the Slurm helpers run steps through
-:data:`STEPS`; this module imports neither, so orchestration has no import cycle.
+A stage module exposes ``run(cfg)`` (do the work, skipping what is done) and ``plan(cfg) ->
+scalept.plan.Plan`` (what is left, read from its output files). The launcher, the Slurm
+planner and the benchmarks reach stages only through :func:`run_step` and :func:`plan_step`.
+
+Stages are named by dotted module path and imported when first used, as Hydra finds a
+``_target_``: the ``preprocessing`` package builds on scalept's formats (tiles, scans,
+checkpoints), and no scalept module imports it, so the dependency between the two packages
+goes one way (docs/architecture.md, "Modules and their imports").
 """
 from __future__ import annotations
 
-import logging
-import sys
-from collections.abc import Callable
+import importlib
+from types import ModuleType
 
 from omegaconf import DictConfig
 
 from scalept.errors import ConfigError
+from scalept.plan import Plan
 
-log = logging.getLogger("scalept")
-
-
-def synth(cfg: DictConfig) -> None:
-    """Generate the synthetic dataset (frames that already exist are kept)."""
-    settings = cfg.dataset.get("synthetic")
-    if settings is None:
-        if cfg.stage.name == "synth":
-            raise ConfigError(f"stage=synth needs dataset=synthetic; dataset={cfg.dataset.name} is real data")
-        log.info("dataset=%s is real data: nothing to generate", cfg.dataset.name)
-        return
-    from preprocessing.synthetic.generate import generate_dataset
-
-    from scalept.data.dataset import split_sequences
-
-    frames = int(settings.frames_per_sequence)
-    sequences = split_sequences(cfg.dataset.splits, list(cfg.dataset.splits), "dataset.splits")
-    folders = generate_dataset(cfg.dataset.root, {s: frames for s in sequences}, seed=int(settings.seed),
-                               azimuth_steps=int(settings.azimuth_steps), progress=sys.stderr.isatty())
-    for folder in folders:
-        found = len(list((folder / "velodyne").glob("*.bin")))
-        if found > frames:  # the later stages read every frame of a sequence
-            log.warning("synth: %s holds %d frames, more than dataset.synthetic.frames_per_sequence=%d, and every "
-                        "one of them is used; delete the folder (or set another data_dir) to get %d", folder, found,
-                        frames, frames)
-    log.info("synth: dataset ready under %s", cfg.dataset.root)
-
-
-def preprocess(cfg: DictConfig) -> None:
-    from preprocessing.preprocess import run
-
-    run(cfg)
-
-
-def train(cfg: DictConfig) -> None:
-    from scalept.train import run
-
-    run(cfg)
-
-
-def infer(cfg: DictConfig) -> None:
-    from scalept.infer import run
-
-    run(cfg)
-
-
-def fuse(cfg: DictConfig) -> None:
-    from scalept.fuse import run
-
-    run(cfg)
-
-
-STEPS: dict[str, Callable[[DictConfig], None]] = {
-    "synth": synth, "preprocess": preprocess, "train": train, "infer": infer, "fuse": fuse,
+# step name -> its stage module, in the order conf/stage/pipeline.yaml runs them
+STAGES: dict[str, str] = {
+    "synth": "preprocessing.synthetic.stage",
+    "preprocess": "preprocessing.preprocess",
+    "train": "scalept.train",
+    "infer": "scalept.infer",
+    "fuse": "scalept.fuse",
 }
+
+
+def check_steps(steps) -> list[str]:
+    """``stage.steps`` as a list, each a known step, in pipeline order; else one line naming the key."""
+    steps = list(steps)
+    for step in steps:
+        if step not in STAGES:
+            raise ConfigError(f"stage.steps names {step!r}; known steps: {', '.join(STAGES)}")
+    order = [s for s in STAGES if s in steps]
+    if steps != order:
+        raise ConfigError(f"stage.steps={steps} runs a step before the one whose files it reads; use {order}")
+    return steps
+
+
+def stage_module(step: str) -> ModuleType:
+    return importlib.import_module(STAGES[step])
+
+
+def run_step(step: str, cfg: DictConfig):
+    """Do one step's work; returns what its stage's ``run`` returns."""
+    return stage_module(step).run(cfg)
+
+
+def plan_step(step: str, cfg: DictConfig) -> Plan:
+    """What one step has left to do for ``cfg``, without doing it."""
+    return stage_module(step).plan(cfg)

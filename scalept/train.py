@@ -59,11 +59,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from scalept import distributed as dist_env
 from scalept.atomic import remove_stale_temporaries
-from scalept.checkpoint import checkpoint_path
+from scalept.checkpoint import checkpoint_path, saved_progress
 from scalept.data.semantickitti import NUM_CLASSES
 from scalept.errors import ConfigError, TrainingInterrupted
 from scalept.losses import segmentation_loss  # looked up here at every step: tests wrap it
 from scalept.metrics import mean_iou
+from scalept.plan import Plan
 from scalept.model import build_model
 from scalept.training.data import build_train_data, frame_subset, label_fraction_tiles, to_device, validate
 from scalept.training.optim import build_optimizer, param_groups, scaled_lr
@@ -98,6 +99,18 @@ def run(cfg: DictConfig, step_hook: Callable[[int], None] | None = None) -> dict
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)  # before CUDA starts; the user's value wins
     with dist_env.session() as env:  # the launcher's group when it runs a job's steps, else one of its own
         return _train(cfg, env, step_hook)
+
+
+def plan(cfg: DictConfig) -> Plan:
+    """Done when ``last.pt`` says training finished (and ``train.resume`` keeps it), as :func:`run` decides."""
+    run_dir = Path(cfg.run_dir)
+    progress = saved_progress(checkpoint_path(run_dir, "last"))
+    outputs = [str(run_dir / "checkpoints"), str(run_dir / "train_metrics.json")]
+    if progress is not None and progress["finished"] and str(cfg.train.resume).lower() != "false":
+        return Plan("train", 1, [], outputs)
+    start = "from scratch" if progress is None or str(cfg.train.resume).lower() == "false" else \
+        f"resuming after step {progress['step']}"
+    return Plan("train", 1, [f"train {cfg.model.name} on sampling={cfg.sampling.name} tiles, {start}"], outputs)
 
 
 CPU_PARAMETERS = 10_000_000  # above this a CPU step takes seconds (ptv3: 46 M, ~9 s per step on 2 cores)
@@ -173,8 +186,8 @@ class Trainer:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         self.model = model
-        self.use_amp = bool(cfg.train.get("amp", True)) and device.type == "cuda"
-        self.lovasz_weight = float(cfg.train.get("lovasz_weight", 1.0))
+        self.use_amp = bool(cfg.train.amp) and device.type == "cuda"
+        self.lovasz_weight = float(cfg.train.lovasz_weight)
         self.stop = StopFlag().install()
         self.reporter = Reporter(run_dir, env.is_main, self.total_steps, self.step, int(cfg.train.log_every))
         self.checkpointer = Checkpointer(cfg, model, model_cfg, self.optimizer, self.scheduler, env.is_main,

@@ -23,6 +23,9 @@ def test_every_shipped_option_passes(compose_cfg, group, option):
     (["train.grid_size=0"], "train.grid_size=0"),  # trained "successfully" on one voxel per tile before
     (["sampling.max_points=abc"], "sampling.max_points='abc'"),
     (["infer.checkpoint=foo"], "infer.checkpoint='foo'"),
+    (["infer.checkpoint=/nowhere/model.pt"], "infer.checkpoint='/nowhere/model.pt'"),
+    (["dataset.synthetic.workers=0"], "dataset.synthetic.workers=0"),
+    (["dry_run=maybe"], "dry_run='maybe'"),
     (["dataset.splits.val=[8]"], "dataset.splits.val=[8]"),  # read sequences/08 but wrote 8.h5 before
     (["fusion=mc_uncertainty", "fusion.weighting=entropi"], "fusion.weighting='entropi'"),  # failed after infer
     (["fusion=mc_uncertainty", "fusion.temperature=0"], "fusion.temperature=0"),

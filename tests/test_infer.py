@@ -118,6 +118,27 @@ def test_checkpoint_of_another_model_is_a_one_line_error(block_tiles, tmp_path):
     assert "another model configuration" in message and "enc_channels" in message and "\n" not in message
 
 
+def test_a_checkpoint_file_given_by_path_needs_nothing_else(block_tiles, tmp_path, compose_cfg):
+    """The file says which model it holds: a run whose config names another model still predicts with it."""
+    other = compose(*base_overrides(block_tiles), f"run_dir={tmp_path}/trained", "train.grid_size=0.25")
+    path = tmp_path / "model.pt"
+    save_random_checkpoint(other, model_overrides={"enc_channels": [24, 24, 32, 32, 32]}).rename(path)
+    cfg = compose(*base_overrides(block_tiles), f"run_dir={tmp_path}/new", f"infer.checkpoint={path}",
+                  "infer.frames_per_chunk=3")
+    model, grid, _ = infer.load_model(cfg, torch.device("cpu"))
+    assert grid == 0.25 and model.stem_norm[0].num_features == 24  # the file's, not cfg.model's or cfg.train's
+    summary = infer.run(cfg)
+    assert summary["chunks_predicted"] == 1 and infer.plan(cfg).done
+
+
+def test_a_checkpoint_without_its_description_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "bare.pt"
+    torch.save({"model": {}, "signature": "{}"}, path)
+    with pytest.raises(CheckpointError, match=r"bare.pt: not a self-describing ScalePT checkpoint \(it lacks "
+                                              r"\['class_names', 'grid_size', 'model_cfg', 'num_classes'\]\)"):
+        load_checkpoint(path)
+
+
 @pytest.mark.slow
 def test_point_budget_batches_keep_the_budget_and_change_no_prediction(block_tiles, tmp_path):
     cfg = compose(*base_overrides(block_tiles), "infer.frames_per_chunk=2")

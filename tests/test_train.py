@@ -256,15 +256,15 @@ def test_tiles_of_other_settings_are_refused_in_one_line(data_dir, tmp_path):
 
 
 def test_training_on_sequences_without_labels_is_refused(real_root, tmp_path, compose_cfg):
-    from scalept import steps
     from scalept.data.semantickitti import Sequence, list_sequences
+    from scalept.steps import run_step
 
     unlabelled = [s for s in list_sequences(real_root) if not Sequence(real_root, s).has_labels]
     assert unlabelled, "the real scans' README promises unlabelled sequences"
     cfg = compose_cfg(f"data_dir={tmp_path}", f"run_dir={tmp_path / 'run'}", "stage=train", "model=ptv3_tiny",
                       "dataset=semantickitti", f"dataset.root={real_root}", f"dataset.splits.train=[{unlabelled[0]}]",
                       "dataset.splits.val=[]", "sampling=block", "train.num_workers=0")
-    steps.preprocess(cfg)
+    run_step("preprocess", cfg)
     with pytest.raises(ScalePTError, match=rf"dataset.splits.train has sequences without labels \({unlabelled[0]}:"):
         train.run(cfg)
 

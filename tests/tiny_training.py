@@ -36,9 +36,9 @@ def compose_tiny(data_dir: Path, run_dir: Path, *overrides: str):
 
 def make_tiny_data(data_dir: Path) -> Path:
     """Generate and tile the tiny dataset (through the synth and preprocess stages); returns data_dir."""
-    from scalept import steps
+    from scalept.steps import run_step
 
     cfg = compose_tiny(data_dir, data_dir / "unused-run")
-    steps.synth(cfg)
-    steps.preprocess(cfg)
+    run_step("synth", cfg)
+    run_step("preprocess", cfg)
     return data_dir

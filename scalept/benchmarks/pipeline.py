@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 
 from scalept.benchmarks.gpu import BusySampler
 from scalept.launch import CONF_DIR
+from scalept.steps import run_step
 
 ALL_STRATEGIES = sorted(p.stem for p in (CONF_DIR / "sampling").glob("*.yaml"))
 
@@ -79,12 +80,11 @@ def _warm_up(cfg) -> None:
 
 
 def pipeline_case(base: list[str], strategy: str, fusion: str) -> dict:
-    from preprocessing.preprocess import run as preprocess
     from scalept import fuse, infer
 
     cfg = _compose(base + [f"sampling={strategy}", f"fusion={fusion}"])
     started = time.perf_counter()
-    preprocess(cfg)
+    run_step("preprocess", cfg)
     tiling_s = time.perf_counter() - started
     _save_checkpoint(cfg)
     gpu = torch.cuda.is_available()
@@ -239,10 +239,8 @@ def main(argv=None) -> dict:
                      "infer.splits=[val,test]"]
             results["data"] = f"real scans {args.real} (sequences {', '.join(names)})"
         else:
-            from preprocessing.synthetic.generate import generate_dataset
-
-            cfg = _compose(base)
-            generate_dataset(cfg.dataset.root, {"08": args.synthetic_frames}, seed=0)
+            run_step("synth", _compose(base + [f"dataset.synthetic.frames_per_sequence={args.synthetic_frames}",
+                                               "dataset.splits.train=[]"]))
             base += ["preprocess.splits=[val]", "infer.splits=[val]"]
             results["data"] = f"synthetic, {args.synthetic_frames} full-size frames"
         _warm_up(_compose(base))

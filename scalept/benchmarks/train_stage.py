@@ -18,14 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 
 from scalept.benchmarks.gpu import BusySampler
 from scalept.launch import CONF_DIR
+from scalept.steps import run_step
 
 PRESETS = {
     "small_gpu": ["train=small_gpu"],
@@ -34,13 +35,13 @@ PRESETS = {
 }
 
 
-def make_synthetic(root: Path, sequences: int, frames: int) -> list[str]:
-    """Full-size synthetic sequences 00, 01, ... under ``root`` (one process per sequence)."""
-    from preprocessing.synthetic.generate import generate_dataset
-
-    names = [f"{i:02d}" for i in range(sequences)]
-    with ProcessPoolExecutor(min(sequences, 16)) as pool:
-        list(pool.map(generate_dataset, [root] * sequences, [{n: frames} for n in names]))
+def make_synthetic(work: Path, preset: str, args) -> list[str]:
+    """Full-size synthetic sequences 00, 01, ... under ``work`` (stage=synth: one process per sequence)."""
+    names = [f"{i:02d}" for i in range(args.synthetic_sequences)]
+    cfg = compose_run(work, names, preset, args)
+    with open_dict(cfg):
+        cfg.dataset.synthetic.frames_per_sequence = args.synthetic_frames
+    run_step("synth", cfg)
     return names
 
 
@@ -116,16 +117,16 @@ def main(argv=None) -> dict:
     parser.add_argument("override", nargs="*", help="extra Hydra overrides for every preset, e.g. train.amp=false")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="scalept-train-bench-"))
-    from scalept import steps, train
+    from scalept import train
 
     if args.real:  # the labelled sequences: training refuses the others
         from scalept.data.semantickitti import Sequence, list_sequences
 
         data = [s for s in list_sequences(args.real) if Sequence(args.real, s).has_labels]
     else:
-        data = make_synthetic(work / "synthetic" / "dataset", args.synthetic_sequences, args.synthetic_frames)
+        data = make_synthetic(work, args.presets.split(",")[0], args)
     presets = [p for p in args.presets.split(",") if p]
-    steps.preprocess(compose_run(work, data, presets[0], args))
+    run_step("preprocess", compose_run(work, data, presets[0], args))
     gpu = torch.cuda.is_available()
     rows = []
     for preset in presets:

@@ -43,16 +43,16 @@ def voxelize(xyz: np.ndarray, grid_size: float, rng: np.random.Generator | None 
 def augment(xyz: np.ndarray, cfg: Mapping, rng: np.random.Generator) -> np.ndarray:
     """The recipe's train augmentations (docs/architecture.md): z-rotation, scaling, x/y flips, clipped jitter."""
     xyz = xyz.astype(np.float32, copy=True)
-    if cfg.get("rotate_z", True):
+    if cfg["rotate_z"]:
         angle = rng.uniform(-np.pi, np.pi)
         c, s = np.cos(angle), np.sin(angle)
         xyz[:, :2] = xyz[:, :2] @ np.array([[c, s], [-s, c]], dtype=np.float32)
-    low, high = cfg.get("scale", (0.9, 1.1))
+    low, high = cfg["scale"]
     xyz *= np.float32(rng.uniform(low, high))
     for axis in (0, 1):
-        if rng.random() < cfg.get("flip_p", 0.5):
+        if rng.random() < cfg["flip_p"]:
             xyz[:, axis] = -xyz[:, axis]
-    sigma, clip = cfg.get("jitter_sigma", 0.005), cfg.get("jitter_clip", 0.02)
+    sigma, clip = cfg["jitter_sigma"], cfg["jitter_clip"]
     if sigma > 0:
         xyz += np.clip(rng.normal(0.0, sigma, size=xyz.shape), -clip, clip).astype(np.float32)
     return xyz

@@ -121,7 +121,7 @@ def checkpoint_signature(cfg: DictConfig) -> str:
 
 def load_resume_state(cfg: DictConfig, path: Path) -> dict | None:
     """The checkpoint ``train.resume`` asks to continue from, or None to start over."""
-    mode = str(cfg.train.get("resume", "auto")).lower()
+    mode = str(cfg.train.resume).lower()
     if mode not in ("auto", "true", "false"):
         raise ConfigError(f"train.resume={cfg.train.resume!r}; choose auto, true or false")
     if mode == "false":

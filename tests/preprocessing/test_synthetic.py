@@ -206,7 +206,7 @@ def test_remission_follows_materials(dataset):
 
 def test_close_to_real_scans(real_root, tmp_path):
     """Full-size frames: point count, ranges and the big classes within a loose margin of real scans."""
-    from scalept.benchmarks.synthetic import scan_statistics
+    from preprocessing.benchmarks.synthetic import scan_statistics
 
     generate_dataset(tmp_path, {"00": 1, "01": 1}, seed=0)
     synthetic, real = scan_statistics(tmp_path), scan_statistics(real_root)

@@ -1,6 +1,6 @@
 """Benchmark of the synthetic data generator: speed on one core, and realism against real scans.
 
-    python -m scalept.benchmarks.synthetic [--frames 10] [--real DIR] [--json out.json]
+    python -m preprocessing.benchmarks.synthetic [--frames 10] [--real DIR] [--json out.json]
 
 Generation speed is measured in this process on one core: the BLAS/OpenMP thread pools are
 limited to one thread before numpy is first imported (their sizes are fixed at import), and
@@ -25,6 +25,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from preprocessing.synthetic.generate import generate_dataset  # noqa: E402
 from scalept.data.semantickitti import CLASS_NAMES, NUM_CLASSES, Sequence, list_sequences  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,6 @@ def time_generation(root: Path, frames: int, seed: int, scenes: int) -> dict:
     Then, untimed, the first frame of ``scenes`` more sequences, so the realism statistics see
     several streets and not one stretch of road.
     """
-    from preprocessing.synthetic.generate import generate_dataset
-
     started = time.perf_counter()
     generate_dataset(root, {"00": frames}, seed=seed)
     seconds = time.perf_counter() - started
@@ -120,7 +119,7 @@ def table(synthetic: dict, real: dict | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m scalept.benchmarks.synthetic", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m preprocessing.benchmarks.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, default=10, help="full-size frames to generate and time")
     parser.add_argument("--scenes", type=int, default=9, help="more sequences (one frame each) for the statistics")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
 """Tiling throughput: frames per second on one core, per strategy, with and without HDF5 writing.
 
-    python -m scalept.benchmarks.tiling [--real PATH] [--synthetic-frames 8] [--json out.json]
+    python -m preprocessing.benchmarks.tiling [--real PATH] [--synthetic-frames 8] [--json out.json]
 
 Real scans come from ``--real`` (default: $SCALEPT_REAL_DATA); synthetic ones are
 generated at full size (~120k points) into a temporary folder. Each case is the
@@ -25,7 +25,7 @@ from preprocessing.preprocess import frame_rng, tile_frame
 from preprocessing.tiling import STRATEGIES
 from scalept.data.semantickitti import IGNORE_INDEX, Sequence
 from scalept.data.tiles import FrameTiles, write_tile_file
-from scalept.launch import CONF_DIR
+from scalept.config_check import CONF_DIR
 
 
 def load_frames(root: Path, names: list[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
