@@ -17,22 +17,26 @@ every stage read it.
 
 :func:`session` holds the job's one process group (NCCL when CUDA is there, gloo
 otherwise, started only when the world has more than one process) around the steps
-of a job; :func:`init` and :func:`teardown` are its two halves.
+of a job; :func:`init` and :func:`teardown` are its two halves. Its rendezvous is a
+TCPStore that rank 0 serves on a socket bound to the master address only (not every
+interface of its node); the other ranks connect to it.
 The getters below are safe to call before, after or without :func:`init`.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import os
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from scalept.errors import ConfigError
+from scalept.errors import ConfigError, ScalePTError
 
 DEFAULT_PORT = 29500
 
@@ -97,6 +101,8 @@ def _slurm_env(env) -> DistEnv:
 _ENV: DistEnv | None = None
 _CONTROL: dist.ProcessGroup | None = None
 _OWNED = False  # whether session() started the running group (and so ends it)
+_STORE: dist.TCPStore | None = None  # the rendezvous of the running group
+_LISTENER: socket.socket | None = None  # rank 0: the socket the store serves on, bound to the master address
 
 
 def get_env() -> DistEnv:
@@ -153,9 +159,10 @@ def init(backend: str | None = None, timeout_s: float = 1800.0) -> DistEnv:
     Slurm task with ``--cpus-per-task`` (and no ``OMP_NUM_THREADS``) torch uses that
     many threads: ranks sharing a node would otherwise each start one per core and
     wait on each other (spconv's CPU convolutions slow down about tenfold). Calling
-    it again while a group runs returns the same environment.
+    it again while a group runs returns the same environment. The rendezvous is
+    :func:`_rendezvous`: rank 0 listens on the master address only.
     """
-    global _ENV
+    global _ENV, _STORE
     _ENV = resolve_env()
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus and not os.environ.get("OMP_NUM_THREADS"):  # the task's cores, not every core of a shared node
@@ -166,17 +173,102 @@ def init(backend: str | None = None, timeout_s: float = 1800.0) -> DistEnv:
             torch.cuda.set_device(device())
         os.environ.setdefault("MASTER_ADDR", _ENV.master_addr)
         os.environ.setdefault("MASTER_PORT", str(_ENV.master_port))
-        dist.init_process_group(backend, init_method=f"tcp://{_ENV.master_addr}:{_ENV.master_port}",
-                                rank=_ENV.rank, world_size=_ENV.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        _STORE = _rendezvous(_ENV, timeout)
+        try:
+            dist.init_process_group(backend, store=_STORE, rank=_ENV.rank, world_size=_ENV.world_size,
+                                    timeout=timeout)
+        except BaseException:
+            _close_store()
+            raise
     return _ENV
 
 
+def _variables(env: DistEnv) -> str:
+    """The variables that set the master of ``env``, for error messages."""
+    return "MASTER_ADDR / MASTER_PORT" if env.source == "torchrun" else "SCALEPT_MASTER_ADDR / SCALEPT_MASTER_PORT"
+
+
+def _rendezvous(env: DistEnv, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The job's TCPStore: rank 0 serves it on a socket bound to the master address alone, the others connect.
+
+    torch's own server would listen on every interface of rank 0's node; binding the socket
+    here keeps it to the address every rank was told, and turns a wrong address or a busy
+    port into one line.
+    """
+    global _LISTENER
+    host = env.master_addr.strip("[]")  # an IPv6 literal may come bracketed
+    if env.rank != 0:
+        try:
+            return dist.TCPStore(host, env.master_port, env.world_size, is_master=False, timeout=timeout)
+        except (RuntimeError, OSError) as err:  # DistStoreError / DistNetworkError are RuntimeErrors
+            raise ScalePTError(f"rank {env.rank} could not reach the master {host}:{env.master_port} within "
+                               f"{timeout.total_seconds():.0f} s ({str(err).strip().splitlines()[0]}); check that "
+                               f"rank 0 started and that {_variables(env)} name an address of its node") from None
+    _LISTENER = _listen(host, env.master_port, _variables(env))
+    try:  # the store closes the descriptor it is given: it gets a copy, _LISTENER keeps its own until teardown
+        return dist.TCPStore(host, env.master_port, env.world_size, is_master=True, timeout=timeout,
+                             master_listen_fd=os.dup(_LISTENER.fileno()))
+    except (RuntimeError, OSError) as err:  # waits for every rank to connect
+        _close_store()
+        raise ScalePTError(f"rank 0 served {host}:{env.master_port} but not all {env.world_size} ranks connected "
+                           f"within {timeout.total_seconds():.0f} s ({str(err).strip().splitlines()[0]}); check "
+                           f"that every task started and can reach that address") from None
+    except BaseException:
+        _close_store()
+        raise
+
+
+def _listen(host: str, port: int, variables: str) -> socket.socket:
+    """A TCP socket listening on ``host:port`` (IPv4, IPv6 or a host name), or one ConfigError line."""
+    where = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ConfigError(f"master address {where} does not resolve ({err.strerror}); "
+                          f"set {variables} to an address of rank 0's node") from None
+    failure: OSError | None = None
+    for family, kind, proto, _, address in addresses:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a rerun need not wait out TIME_WAIT
+            sock.bind(address)
+            sock.listen(2048)
+            return sock
+        except OSError as err:
+            sock.close()
+            failure = failure or err
+    raise _bind_error(failure, where, variables)
+
+
+def _bind_error(err: OSError | None, where: str, variables: str) -> ConfigError:
+    """One line saying why rank 0 could not listen on the master address and which variable fixes it."""
+    reason = getattr(err, "strerror", None) or "no address to bind"
+    if isinstance(err, OSError) and err.errno == errno.EADDRINUSE:
+        return ConfigError(f"master port {where} is already in use on rank 0's node; set {variables} "
+                           f"to a free port")
+    if isinstance(err, OSError) and err.errno == errno.EADDRNOTAVAIL:
+        return ConfigError(f"master address {where} is not an address of rank 0's node "
+                           f"({socket.gethostname()}); set {variables} to one of its addresses")
+    return ConfigError(f"rank 0 cannot listen on the master address {where} ({reason}); "
+                       f"set {variables} to an address of its node and a free port")
+
+
+def _close_store() -> None:
+    """Drop the rendezvous store and close rank 0's listening socket."""
+    global _STORE, _LISTENER
+    _STORE = None
+    if _LISTENER is not None:
+        _LISTENER.close()
+        _LISTENER = None
+
+
 def teardown() -> None:
-    """End the process group (if any); the getters fall back to the environment afterwards."""
+    """End the process group (if any) and its rendezvous; the getters fall back to the environment afterwards."""
     global _CONTROL, _OWNED
     if dist.is_initialized():
         dist.destroy_process_group()
+    _close_store()
     _CONTROL, _OWNED = None, False
 
 

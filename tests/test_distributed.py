@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,108 @@ def test_two_rank_gloo_training_keeps_replicas_identical(tmp_path_factory, tmp_p
     assert metrics["world_size"] == 2 and metrics["micro_batches_per_step"] == 2
     assert 12_000 <= metrics["step_voxels"] <= 18_000
     assert (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "tb").is_dir()
+
+
+GROUP_SCRIPT = """
+import sys
+from scalept import distributed
+import torch
+with distributed.session("gloo") as env:
+    total = distributed.all_reduce_sum(torch.tensor([float(env.rank + 1)]))
+    print(f"SUM {env.rank} {total.item():g}", flush=True)
+    if env.rank == 0:
+        sys.stdin.readline()  # the test reads the listening sockets meanwhile
+    distributed.barrier()
+"""
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses of the TCP sockets listening on ``port``, read from /proc/net/tcp and tcp6."""
+    found = set()
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        path = Path("/proc/net") / name
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(socket.inet_ntop(family, raw))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the listening sockets from /proc/net/tcp")
+def test_two_gloo_ranks_rendezvous_on_the_master_address_only():
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update(SLURM_STEP_NUM_TASKS="2", SCALEPT_MASTER_ADDR="127.0.0.1", SCALEPT_MASTER_PORT=str(port),
+               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    procs = [subprocess.Popen([sys.executable, "-c", GROUP_SCRIPT], cwd=ROOT, env={**env, "SLURM_PROCID": str(rank)},
+                              text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for rank in range(2)]
+    try:
+        first = procs[0].stdout.readline()  # rank 0 prints its sum once both ranks joined, then waits on stdin
+        listening = _listening(port)
+        procs[0].stdin.write("\n")
+        procs[0].stdin.flush()
+        outputs = [first + p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for proc in procs:
+            proc.kill() if proc.poll() is None else None
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "SUM 0 3" in outputs[0] and "SUM 1 3" in outputs[1], outputs  # 1 + 2 over both ranks
+    assert listening == {"127.0.0.1"}, listening  # not 0.0.0.0 or ::
+
+
+def _rank0(monkeypatch, addr: str, port: int) -> None:
+    """This process as rank 0 of 2 with the master given; the module's resolved env is restored afterwards."""
+    monkeypatch.setattr(distributed, "_ENV", None)
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SCALEPT_MASTER_ADDR", addr)
+    monkeypatch.setenv("SCALEPT_MASTER_PORT", str(port))
+
+
+def test_a_master_address_not_on_rank_0s_node_is_one_line(monkeypatch):
+    port = _free_port()
+    _rank0(monkeypatch, "192.0.2.1", port)  # TEST-NET-1: never an address of this machine
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as raised:
+        distributed.init("gloo", timeout_s=60)
+    message = str(raised.value)
+    assert time.monotonic() - started < 5 and "\n" not in message
+    assert f"192.0.2.1:{port} is not an address of rank 0's node" in message and "SCALEPT_MASTER_ADDR" in message
+    assert not distributed.is_distributed() and distributed._LISTENER is None
+
+
+def test_a_busy_master_port_is_one_line(monkeypatch):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        _rank0(monkeypatch, "127.0.0.1", port)
+        with pytest.raises(ConfigError, match=rf"^master port 127.0.0.1:{port} is already in use .*SCALEPT_MASTER_PORT"):
+            distributed.init("gloo", timeout_s=60)
+
+
+def test_an_unknown_master_host_is_one_line(monkeypatch):
+    _rank0(monkeypatch, "no-such-host.invalid", _free_port())
+    with pytest.raises(ConfigError, match=r"^master address no-such-host.invalid:\d+ does not resolve"):
+        distributed.init("gloo", timeout_s=60)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_rank_0_listens_on_ipv4_ipv6_and_host_names(host):
+    if ":" in host and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        sock = distributed._listen(host, 0, "SCALEPT_MASTER_ADDR")
+    except ConfigError as err:
+        pytest.skip(f"this machine has no {host}: {err}")
+    with sock:
+        assert sock.getsockname()[0] in {"127.0.0.1", "::1"}
