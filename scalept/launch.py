@@ -53,16 +53,22 @@ def _submitit_job():
 
 
 def _log_rank(job, env) -> None:
-    node = os.environ.get("SLURMD_NODENAME", job.hostname)  # the Slurm node name, not the host's
-    log.info("scalept-launch: job %s, rank %d of %d on node %s (local rank %d), master %s:%d", job.job_id, env.rank,
+    import socket
+
+    job_id = job.job_id if job is not None else os.environ.get("SLURM_JOB_ID", "-")
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # the Slurm node name, not the host's
+    log.info("scalept-launch: job %s, rank %d of %d on node %s (local rank %d), master %s:%d", job_id, env.rank,
              env.world_size, node, env.local_rank, env.master_addr, env.master_port)
 
 
 def run(cfg: DictConfig) -> None:
-    """Run the stage's steps; in a Slurm job of several tasks, as one DDP world with barriers between steps.
+    """Run the stage's steps; in a job of several tasks, as one DDP world with barriers between steps.
 
-    In a Slurm job that predicts, fusion (which needs every rank's shards) is a job of its own,
-    submitted with the sweep (hydra_plugins/scalept_slurm/sweep_launcher.py), so this job leaves it out.
+    Several tasks are those of a submitit job (cluster=slurm) or of a plain srun step
+    (slurm/train.sbatch) or torchrun, as ``distributed.resolve_env`` reads them: both take
+    the same path. In a submitit job that predicts, fusion (which needs every rank's shards)
+    is a job of its own, submitted with the sweep (hydra_plugins/scalept_slurm/sweep_launcher.py),
+    so this job leaves it out; slurm/pipeline.sh leaves it out of the srun step itself.
     """
     check_config(cfg)  # every value, before any work (again in every job)
     check_output_dirs(cfg)
@@ -73,7 +79,9 @@ def run(cfg: DictConfig) -> None:
     job = _submitit_job()
     if job is not None and slurm_jobs.fusion_is_own_job(steps):
         steps.remove("fuse")
-    if job is None or job.num_tasks == 1:
+    from scalept import distributed
+
+    if (job.num_tasks if job is not None else distributed.resolve_env().world_size) == 1:
         for step in steps:
             run_step(step, cfg)
     else:
@@ -90,21 +98,24 @@ def print_plans(cfg: DictConfig, steps: list[str]) -> None:
         print("\n".join(plan_step(step, cfg).lines()), flush=True)
 
 
-def _run_as_ranks(cfg: DictConfig, steps: list[str], job) -> None:
-    """Every task of a multi-task Slurm job: the steps in one process group, a barrier between two."""
+def _run_as_ranks(cfg: DictConfig, steps: list[str], job=None) -> None:
+    """Every task of a multi-task job (submitit's ``job``, or a plain srun step / torchrun when None):
+    the steps in one process group, a barrier between two, rank 0 alone writing frames and fused labels."""
     import contextlib
 
     from scalept import distributed
 
-    _log_rank(job, distributed.get_env())
+    env = distributed.get_env()
+    rank = job.global_rank if job is not None else env.rank
+    _log_rank(job, env)
     grouped = len(steps) > 1 or not set(steps) <= {"synth", "preprocess", "fuse"}  # a step or a barrier needs one
     with distributed.session() if grouped else contextlib.nullcontext():
         for index, step in enumerate(steps):
-            if step not in ("synth", "fuse") or job.global_rank == 0:  # one writer of frames and fused labels
+            if step not in ("synth", "fuse") or rank == 0:  # one writer of frames and fused labels
                 try:
                     run_step(step, cfg)
                 except TrainingInterrupted:  # preempted: rank 0 requeues the job (submitit), the others wait
-                    if job.global_rank != 0:
+                    if job is not None and rank != 0:
                         slurm_jobs.wait_for_requeue(job)
                     raise
             if index + 1 < len(steps):  # the next step reads what every rank of this one wrote

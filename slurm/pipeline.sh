@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# The whole pipeline as three chained Slurm jobs, for users who do not use the Hydra launcher:
+# The whole pipeline as three chained Slurm jobs, for users who do not use the Hydra launcher.
+# A thin wrapper with the same semantics as `python -m scalept.launch cluster=slurm`: the
+# preprocessing array is sized by the stage's dry run, training and inference run in one srun
+# step and one process group (stage=pipeline 'stage.steps=[train,infer]'), and fusion is a job
+# of its own that starts afterok on it:
 #
 #   preprocessing array (slurm/preprocess.sbatch, one task per unit)
 #     -> training + inference, one DDP world over the nodes (slurm/train.sbatch), afterok:<array>

@@ -1,4 +1,5 @@
-"""slurm/pipeline.sh on the real two-node test cluster: preprocessing array -> 2-node DDP train+infer -> fusion."""
+"""slurm/pipeline.sh on the real two-node test cluster: preprocessing array -> 2-node DDP train+infer
+(one srun step, one process group, as cluster=slurm) -> fusion as its own afterok job."""
 from __future__ import annotations
 
 import json
@@ -44,14 +45,19 @@ def test_pipeline_sh_chains_preprocess_train_and_fuse(cluster, tmp_path, tiny_pi
     assert train["JobState"] == "COMPLETED", train_log[-3000:]
     assert (train["NodeList"], train["NumNodes"], train["NumTasks"]) == ("n[1-2]", "2", "2")
     assert cluster.time(train, "StartTime") >= max(cluster.time(r, "EndTime") for r in pre)  # afterok on the whole array
-    for step in ("train", "infer"):  # both job steps: rank 0 on n1, rank 1 on n2, one world of 2
-        ranks = re.findall(rf"scalept-{step}: rank (\d) of (\d) on node (n\d)", train_log)
-        assert sorted(ranks) == [("0", "2", "n1"), ("1", "2", "n2")], train_log[-3000:]
+    # ONE srun step (as cluster=slurm): each task starts once, rank 0 on n1 and rank 1 on n2, and
+    # its one launcher process runs training and inference in one world of 2
+    ranks = re.findall(r"scalept-(\w+): rank (\d) of (\d) on node (n\d)", train_log)
+    assert sorted(ranks) == [("train", "0", "2", "n1"), ("train", "1", "2", "n2")], train_log[-3000:]
+    launches = re.findall(rf"scalept-launch: job {jobs['train']}, rank (\d) of (\d) on node (n\d)", train_log)
+    assert sorted(launches) == [("0", "2", "n1"), ("1", "2", "n2")], train_log[-3000:]
     assert json.loads((tmp_path / "run" / "train_metrics.json").read_text())["world_size"] == 2
     infer_dir = tmp_path / "run" / "infer" / "logit_average"
     assert sorted(p.name for p in infer_dir.glob("shard-*.json")) == ["shard-000.json", "shard-001.json"]
     for rank in ("0", "1"):  # per-rank Hydra dirs: the ranks did not clobber each other
-        assert (tmp_path / "outputs" / "train" / jobs["train"] / rank / ".hydra" / "config.yaml").is_file()
+        hydra_cfg = (tmp_path / "outputs" / "train" / jobs["train"] / rank / ".hydra" / "config.yaml").read_text()
+        assert "- train\n- infer\n" in hydra_cfg.replace("  - ", "- ")  # stage.steps of the one step
+    assert not (tmp_path / "outputs" / "infer").exists()  # no second srun step
 
     (fuse,) = finished["fuse"]
     assert fuse["JobState"] == "COMPLETED", log("fuse", jobs["fuse"])[-3000:]

@@ -1,7 +1,8 @@
-"""Several tasks of one Slurm job step running the preprocessing stage (no cluster needed: srun's variables by hand)."""
+"""Several tasks of one Slurm job step running the launcher (no cluster needed: srun's variables by hand)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -44,3 +45,25 @@ def test_two_ranks_split_the_units_and_both_return_every_file(compose_cfg, synth
         assert a.frame_ids == b.frame_ids
         for f in range(a.num_frames):
             assert all(np.array_equal(x, y) for x, y in zip(a.frame(f).tiles, b.frame(f).tiles))
+
+
+def test_a_plain_srun_step_runs_the_steps_in_one_group_with_rank_0_alone_for_synth(tiny_pipeline, tmp_path):
+    # what slurm/train.sbatch's one srun step does, by hand: launch.run takes the same multi-rank
+    # path as a submitit job (one process group, a barrier between steps, rank 0 alone writes frames)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_", "RANK", "WORLD_SIZE"))}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.update(SLURM_STEP_NUM_TASKS="2", SLURM_JOB_ID="77", SCALEPT_MASTER_ADDR="127.0.0.1",
+               SCALEPT_MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    ranks = [subprocess.Popen([sys.executable, "-m", "scalept.launch", "stage=pipeline", "stage.steps=[synth,preprocess]",
+                               *tiny_pipeline, f"hydra.run.dir={tmp_path / 'out' / str(rank)}"],
+                              env={**env, "SLURM_PROCID": str(rank)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    logs = [p.communicate(timeout=180)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], logs
+    for rank, log in enumerate(logs):  # one world of 2, rendezvous on the master given
+        assert f"scalept-launch: job 77, rank {rank} of 2" in log and f"master 127.0.0.1:{port}" in log, log
+        assert "2 tile files complete" in log, log  # preprocessing ran on both, after the frames existed
+    assert "synth: dataset ready" in logs[0] and "synth:" not in logs[1], logs
