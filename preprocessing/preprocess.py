@@ -40,6 +40,9 @@ from scalept.data.tiles import (FrameTiles, TileFile, TileFileError, check_tilin
 
 log = logging.getLogger(__name__)
 
+# The sub-configs this stage reads (scalept.steps hands it these and nothing else).
+READS = ("dataset", "preprocess", "sampling", "tiles_dir")
+
 
 @dataclass(frozen=True)
 class Unit:

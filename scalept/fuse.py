@@ -57,6 +57,9 @@ from scalept.metrics import (accuracy, confusion_matrix, iou_per_class, iou_tabl
 
 log = logging.getLogger(__name__)
 
+# The sub-configs this stage reads (scalept.steps hands it these and nothing else).
+READS = ("run_dir", "tiles_dir", "dataset", "sampling", "infer", "fusion", "fuse")
+
 # --------------------------------------------------------------------------- reading the shards
 
 

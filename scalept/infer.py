@@ -47,6 +47,10 @@ from scalept.shards import (Chunk, ChunkWriter, chunk_owner, chunk_tiles, plan_c
 
 log = logging.getLogger(__name__)
 
+# The sub-configs this stage reads (scalept.steps hands it these and nothing else); model and
+# train.grid_size only to check that the run's own checkpoint belongs to this configuration.
+READS = ("run_dir", "seed", "tiles_dir", "dataset", "sampling", "preprocess", "model", "train", "infer", "fusion")
+
 # --------------------------------------------------------------------------- checkpoint and model
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from scalept.errors import ConfigError
 from scalept.plan import Plan
@@ -45,11 +45,24 @@ def stage_module(step: str) -> ModuleType:
     return importlib.import_module(STAGES[step])
 
 
+def stage_config(step: str, cfg: DictConfig) -> DictConfig:
+    """The sub-configs the step's stage declares in its ``READS``, resolved; nothing else of ``cfg``.
+
+    A stage that reaches for a group it did not declare fails at once (struct mode), so
+    ``READS`` is the true list of what a stage depends on.
+    """
+    keys = stage_module(step).READS
+    view = OmegaConf.create({k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
+                             else cfg[k] for k in keys})
+    OmegaConf.set_struct(view, True)
+    return view
+
+
 def run_step(step: str, cfg: DictConfig):
-    """Do one step's work; returns what its stage's ``run`` returns."""
-    return stage_module(step).run(cfg)
+    """Do one step's work on its stage's part of ``cfg``; returns what the stage's ``run`` returns."""
+    return stage_module(step).run(stage_config(step, cfg))
 
 
 def plan_step(step: str, cfg: DictConfig) -> Plan:
     """What one step has left to do for ``cfg``, without doing it."""
-    return stage_module(step).plan(cfg)
+    return stage_module(step).plan(stage_config(step, cfg))

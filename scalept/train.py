@@ -83,6 +83,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The sub-configs this stage reads (scalept.steps hands it these and nothing else).
+READS = ("run_dir", "seed", "model", "train", "optim", "dataset", "sampling", "tiles_dir", "preprocess")
 ALLOC_CONF = "expandable_segments:True"
 ANOTHER_RANK = "another rank's signal"  # why a rank that caught no signal itself stops
 

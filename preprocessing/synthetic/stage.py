@@ -23,6 +23,9 @@ from .generate import generate_dataset
 
 log = logging.getLogger("scalept")
 
+# The sub-configs this stage reads (scalept.steps hands it these and nothing else).
+READS = ("dataset", "stage")
+
 
 def _sequences(cfg: DictConfig) -> list[str]:
     return split_sequences(cfg.dataset.splits, list(cfg.dataset.splits), "dataset.splits")
