@@ -58,6 +58,13 @@ SCALE_RANGE: Rule = (lambda v: isinstance(v, list) and len(v) == 2 and all(_numb
                      and v[0] <= v[1], "[low, high] with 0 < low <= high")
 DEVICE: Rule = (lambda v: isinstance(v, str) and re.match(r"^(auto|cpu|cuda(:\d+)?)$", v) is not None,
                 "auto, cpu, cuda or cuda:<index>")
+COUNTS: Rule = (lambda v: isinstance(v, list) and len(v) > 0 and all(_integer(x) and x >= 1 for x in v),
+                "a non-empty list of integers >= 1")
+ORDER_NAMES = ("z", "z-trans", "hilbert", "hilbert-trans")  # scalept.serialization.ORDERS
+ORDER_LIST: Rule = (lambda v: isinstance(v, list) and len(v) > 0 and all(o in ORDER_NAMES for o in v),
+                    "a non-empty list of " + ", ".join(ORDER_NAMES))
+TEXT: Rule = (lambda v: isinstance(v, str) and v != "", "a non-empty text")
+
 CHECKPOINT: Rule = (lambda v: v in ("best", "last") or (isinstance(v, str) and v.endswith(".pt") and Path(v).is_file()),
                     "best or last (of run_dir/checkpoints), or the path of an existing .pt checkpoint file")
 
@@ -89,7 +96,21 @@ RULES: dict[str, Rule] = {
     "fuse.device": DEVICE,
     "fusion.name": one_of("logit_average", "softmax_average", "mc_uncertainty"), "fusion.mc_passes": COUNT,
     "fusion.weighting": one_of("entropy", "lowest"), "fusion.temperature": POSITIVE,
+    "sampling.leaf_points": COUNT, "sampling.voxel_size": POSITIVE,
+    "data_dir": TEXT, "tiles_dir": TEXT, "run_dir": TEXT, "dataset.root": TEXT, "dataset.name": TEXT,
+    "model.in_channels": COUNT, "model.orders": ORDER_LIST, "model.shuffle_orders": FLAG,
+    "model.stem_kernel": (lambda v: _integer(v) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),
+    "model.enc_depths": COUNTS, "model.enc_channels": COUNTS, "model.enc_heads": COUNTS,
+    "model.enc_patch_size": COUNTS, "model.dec_depths": COUNTS, "model.dec_channels": COUNTS,
+    "model.dec_heads": COUNTS, "model.dec_patch_size": COUNTS, "model.mlp_ratio": POSITIVE,
+    "model.qkv_bias": FLAG, "model.drop_path": PROBABILITY, "model.attn_drop": PROBABILITY,
+    "model.proj_drop": PROBABILITY, "model.bn_eps": POSITIVE, "model.bn_momentum": PROBABILITY,
+    "model.checkpoint_levels": NON_NEGATIVE_INT,
 }
+# Keys with no rule here: names (labels of runs), the split lists (checked below) and stage.steps
+# (scalept.steps.check_steps); tests/test_config_check.py holds this list to every shipped key.
+UNCHECKED = ("dataset.splits", "dataset.synthetic", "infer.splits", "preprocess.splits", "stage.steps", "stage.name",
+             "model.name", "optim.name", "sampling.name", "train.name")
 
 
 def _value(cfg: DictConfig, key: str):
@@ -122,11 +143,29 @@ def check_config(cfg: DictConfig) -> None:
     if "overlap" in cfg.sampling and cfg.sampling.name == "hilbert" and cfg.sampling.overlap >= cfg.sampling.max_points:
         raise ConfigError(f"sampling.overlap={cfg.sampling.overlap} must be below sampling.max_points="
                           f"{cfg.sampling.max_points} (the window stride is their difference)")
+    _check_model_shape(cfg.model)
     for split in ("preprocess.splits", "infer.splits"):
         for name in _value(cfg, split):
             if name not in cfg.dataset.splits:
                 raise ConfigError(f"{split} names {name!r}, but dataset.splits has only "
                                   f"{', '.join(cfg.dataset.splits)}; fix one of the two")
+
+
+def _check_model_shape(model: DictConfig) -> None:
+    """Per-stage lists agree in length (decoder: one stage fewer) and every width splits into its heads."""
+    for side, stages in (("enc", len(model.enc_depths)), ("dec", len(model.enc_depths) - 1)):
+        for key in ("depths", "channels", "heads", "patch_size"):
+            if len(model[f"{side}_{key}"]) != stages:
+                raise ConfigError(f"model.{side}_{key}={list(model[f'{side}_{key}'])} needs {stages} entries "
+                                  f"(one per {'encoder' if side == 'enc' else 'decoder'} stage, as model.enc_depths "
+                                  f"has {len(model.enc_depths)} encoder stages)")
+        for width, heads in zip(model[f"{side}_channels"], model[f"{side}_heads"]):
+            if width % heads:
+                raise ConfigError(f"model.{side}_channels={list(model[f'{side}_channels'])}: {width} channels do "
+                                  f"not split into {heads} heads (model.{side}_heads); make each a multiple")
+    if model.checkpoint_levels > len(model.enc_depths):
+        raise ConfigError(f"model.checkpoint_levels={model.checkpoint_levels} is above the "
+                          f"{len(model.enc_depths)} levels of model.enc_depths")
 
 
 # The folders stages write, by the config key that names them.

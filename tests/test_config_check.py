@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from scalept.config_check import check_config, check_output_dirs
+from scalept.config_check import RULES, UNCHECKED, check_config, check_output_dirs
 from scalept.errors import ConfigError
 from scalept.launch import CONF_DIR
 
@@ -37,6 +37,11 @@ def test_every_shipped_option_passes(compose_cfg, group, option):
     (["preprocess.crop.min_range=70"], "preprocess.crop.min_range=70"),
     (["sampling=hilbert", "sampling.overlap=40000"], "sampling.overlap=40000"),
     (["infer.splits=[valid]"], "infer.splits names 'valid'"),
+    (["model.enc_channels=[16,16,32,32]"], "model.enc_channels=[16, 16, 32, 32] needs 5 entries"),
+    (["model.dec_heads=[2,2,3,4]"], "model.dec_channels=[16, 16, 32, 32]: 32 channels do not split into 3 heads"),
+    (["model.orders=[z,peano]"], "model.orders=['z', 'peano']"),
+    (["model.drop_path=1.5"], "model.drop_path=1.5"),
+    (["model.stem_kernel=4"], "model.stem_kernel=4"),
 ])
 def test_a_bad_value_is_one_line_naming_it(compose_cfg, overrides, key):
     with pytest.raises(ConfigError) as err:
@@ -65,3 +70,22 @@ def test_output_folders_that_cannot_be_made_are_refused_before_work(compose_cfg,
     with pytest.raises(ConfigError, match=r"^tiles_dir=/proc/scalept-tiles: cannot make the folder \(.+\); point"):
         check_output_dirs(compose_cfg(f"data_dir={tmp_path}", "tiles_dir=/proc/scalept-tiles"))
     check_output_dirs(compose_cfg(f"data_dir={tmp_path / 'new' / 'data'}", f"run_dir={tmp_path / 'run'}"))
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def test_every_key_of_every_shipped_option_has_a_rule(compose_cfg):
+    """A new YAML key needs a rule in config_check (or a place in UNCHECKED): nothing goes unchecked by accident."""
+    from omegaconf import OmegaConf
+
+    keys = {k for g in GROUPS for p in (CONF_DIR / g).glob("*.yaml") if not p.stem.startswith("site")
+            for k in _leaves(OmegaConf.to_container(compose_cfg(f"{g}={p.stem}"), resolve=False))}
+    assert "model.enc_channels" in keys and "train.grid_size" in keys
+    free = [k for k in keys if k not in RULES and not k.startswith(UNCHECKED)]
+    assert not free, f"keys without a rule in scalept/config_check.py: {sorted(free)}"
