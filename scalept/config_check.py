@@ -96,6 +96,10 @@ RULES: dict[str, Rule] = {
     "fuse.device": DEVICE,
     "fusion.name": one_of("logit_average", "softmax_average", "mc_uncertainty"), "fusion.mc_passes": COUNT,
     "fusion.weighting": one_of("entropy", "lowest"), "fusion.temperature": POSITIVE,
+    "infer.tta.rotations": (lambda v: isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v)
+                            and all(_integer(r) and r % 90 == 0 and 0 <= r < 360 for r in v),
+                            "a list of distinct z-rotations from 0, 90, 180, 270, e.g. [0, 90, 180, 270]"),
+    "infer.tta.flip": FLAG,
     "sampling.leaf_points": COUNT, "sampling.voxel_size": POSITIVE,
     "data_dir": TEXT, "tiles_dir": TEXT, "run_dir": TEXT, "dataset.root": TEXT, "dataset.name": TEXT,
     "model.in_channels": COUNT, "model.orders": ORDER_LIST, "model.shuffle_orders": FLAG,

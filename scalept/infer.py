@@ -27,6 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ from scalept.distributed import device as dist_device
 from scalept.errors import ConfigError
 from scalept.plan import Plan
 from scalept.shards import (Chunk, ChunkWriter, chunk_owner, chunk_tiles, plan_chunks, predicted_sequences,
-                            shard_chunks, shard_dir, shard_kind, usable_chunk_file)
+                            shard_chunks, shard_dir, shard_kind, tta_label, tta_views, usable_chunk_file)
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,45 @@ def load_model(cfg: DictConfig, device: torch.device):
     return model, float(state["grid_size"]), file_digest(path)
 
 
-def predict_batch(model, batch: Mapping[str, torch.Tensor], device: torch.device, kind: str, passes: int,
-                  amp: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def view_of(feat: torch.Tensor, grid: torch.Tensor, offsets: torch.Tensor, rotation: int,
+            flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch turned ``rotation`` degrees (a multiple of 90) about z, then mirrored in x.
+
+    Quarter turns and mirrors map grid cells onto grid cells, so turning the voxels is exact: it
+    gives the voxels (and representatives) that voxelizing the turned points would give, without
+    going back to the loader. Each sample's grid minimum is moved back to 0.
+    """
+    if rotation % 360 == 0 and not flip:
+        return feat, grid
+    xy, cells = feat[:, :2], grid[:, :2]
+    for _ in range(rotation // 90 % 4):
+        xy, cells = torch.stack((-xy[:, 1], xy[:, 0]), 1), torch.stack((-cells[:, 1], cells[:, 0]), 1)
+    if flip:
+        xy, cells = xy * xy.new_tensor([-1.0, 1.0]), cells * cells.new_tensor([-1, 1])
+    cells = torch.cat((cells, grid[:, 2:]), 1)
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    sample = torch.repeat_interleave(torch.arange(len(offsets), device=grid.device), counts,
+                                     output_size=len(grid))
+    lowest = cells.new_full((len(offsets), 3), torch.iinfo(cells.dtype).max)
+    lowest.scatter_reduce_(0, sample[:, None].expand(-1, 3), cells, "amin")
+    return torch.cat((xy, feat[:, 2:]), 1), cells - lowest[sample]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """How every batch is predicted: what the shard stores (``kind``), MC passes, bf16, TTA views."""
+
+    kind: str
+    passes: int = 1
+    amp: bool = True
+    views: tuple[tuple[int, bool], ...] = ((0, False),)
+
+
+def predict_batch(model, batch: Mapping[str, torch.Tensor], device: torch.device,
+                  how: Prediction) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per tile point of the batch: mean logits ('logits'), mean probabilities ('probs'), or mean
-    probabilities and their entropy ('mc').
+    probabilities and their entropy ('mc'), over ``how.passes`` passes of each of ``how.views``
+    (:func:`view_of`; test-time augmentation averages a tile's views as it averages MC passes).
 
     Returns float16 (P, C) values and, for 'mc', float32 (P,) entropy, in host memory. From a GPU
     they are still being copied when this returns: synchronize the stream (or an event recorded
@@ -100,21 +136,24 @@ def predict_batch(model, batch: Mapping[str, torch.Tensor], device: torch.device
     grid = batch["grid"].to(device, non_blocking=True)
     offsets = batch["offsets"].to(device, non_blocking=True)
     inverse = batch["inverse"].to(device, non_blocking=True)
+    kind, passes, views = how.kind, how.passes, how.views
     stochastic = kind == "mc" or passes > 1
-    autocast = inference_autocast(device.type, enabled=amp and device.type == "cuda")
+    autocast = inference_autocast(device.type, enabled=how.amp and device.type == "cuda")
     total = None
     with torch.inference_mode(), autocast:
-        for _ in range(passes):
-            if stochastic:
-                with stochastic_inference(model):
-                    out = model(feat, grid, offsets)
-            else:
-                out = model(feat, grid, offsets)
-            out = out.float()
-            if kind != "logits":
-                out = torch.softmax(out, dim=1)
-            total = out if total is None else total.add_(out)
-        mean = total.div_(passes)
+        for rotation, flip in views:
+            view_feat, view_grid = view_of(feat, grid, offsets, rotation, flip)
+            for _ in range(passes):
+                if stochastic:
+                    with stochastic_inference(model):
+                        out = model(view_feat, view_grid, offsets)
+                else:
+                    out = model(view_feat, view_grid, offsets)
+                out = out.float()
+                if kind != "logits":
+                    out = torch.softmax(out, dim=1)
+                total = out if total is None else total.add_(out)
+        mean = total.div_(passes * len(views))
         per_point = mean[inverse]
         entropy = None
         if kind == "mc":
@@ -207,7 +246,7 @@ def _split_done(out_dir: Path, mine: Sequence[Chunk], tile_files: Mapping[str, T
 
 
 def _predict_chunk(writer: ChunkWriter, batches: int, loader: Iterator[dict], model, device: torch.device,
-                   kind: str, passes: int, amp: bool, phase_s: dict) -> tuple[int, int]:
+                   how: Prediction, phase_s: dict) -> tuple[int, int]:
     """The chunk's batches through the model into its shard file; (tiles, tile points) written.
 
     One batch in flight: batch k's outputs are copied to the host while batch k-1's are written
@@ -236,7 +275,7 @@ def _predict_chunk(writer: ChunkWriter, batches: int, loader: Iterator[dict], mo
             t0 = time.perf_counter()
             batch = next(loader)
             t1 = time.perf_counter()
-            values, entropy = predict_batch(model, batch, device, kind, passes, amp)
+            values, entropy = predict_batch(model, batch, device, how)
             copied = torch.cuda.Event() if device.type == "cuda" else None
             if copied is not None:
                 copied.record()
@@ -288,7 +327,7 @@ def _predict(cfg: DictConfig, rank: int, world_size: int) -> dict:
     seq_index = {s: i for i, s in enumerate(sequences)}
     pairs = [(seq_index[c.sequence], t) for c in todo for t in chunk_tiles(tile_files[c.sequence], c)]
     batches, per_chunk = _batches(tile_files, todo, budget)
-    amp = bool(cfg.infer.amp)
+    how = Prediction(kind, passes, bool(cfg.infer.amp), tuple(tta_views(cfg.infer.tta)))
     tiles = points = frames = 0
     # where the time goes: checks, model and loader start; loader wait, model + copy, HDF5
     phase_s = {"setup": 0.0, "read": 0.0, "predict": 0.0, "write": 0.0}
@@ -300,8 +339,7 @@ def _predict(cfg: DictConfig, rank: int, world_size: int) -> dict:
         writer = ChunkWriter(out_dir / chunk.file_name(rank), chunk, tile_files[chunk.sequence], kind,
                              NUM_CLASSES, {**expect, "sequence": chunk.sequence, "frame_start": chunk.start,
                                            "frame_stop": chunk.stop, "rank": rank, "world_size": world_size})
-        chunk_tiles_done, chunk_points = _predict_chunk(writer, n_batches, loader, model, device, kind, passes, amp,
-                                                        phase_s)
+        chunk_tiles_done, chunk_points = _predict_chunk(writer, n_batches, loader, model, device, how, phase_s)
         tiles, points, frames = tiles + chunk_tiles_done, points + chunk_points, frames + chunk.stop - chunk.start
         done.append(out_dir / chunk.file_name(rank))
     elapsed = time.perf_counter() - started
@@ -317,8 +355,10 @@ def _predict(cfg: DictConfig, rank: int, world_size: int) -> dict:
 
 def _expected_shards(cfg: DictConfig, kind: str, passes: int, checkpoint_digest: str) -> dict:
     """What a finished shard must have been written with to be kept on a rerun."""
-    return {"kind": kind, "fusion": str(cfg.fusion.name), "mc_passes": passes, "num_classes": NUM_CLASSES,
-            "checkpoint": checkpoint_digest, "sampling": str(cfg.sampling.name)}
+    expect = {"kind": kind, "fusion": str(cfg.fusion.name), "mc_passes": passes, "num_classes": NUM_CLASSES,
+              "checkpoint": checkpoint_digest, "sampling": str(cfg.sampling.name)}
+    label = tta_label(cfg.infer.tta)
+    return expect if label is None else {**expect, "tta": label}  # shards from before TTA existed stay usable
 
 
 def plan(cfg: DictConfig) -> Plan:

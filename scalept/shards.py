@@ -69,10 +69,26 @@ def shard_kind(fusion_name: str) -> str:
     return FUSIONS[fusion_name]
 
 
+def tta_views(tta: Mapping) -> list[tuple[int, bool]]:
+    """(z-rotation in degrees, mirrored in x) of every view ``infer.tta`` asks for, the plain view first."""
+    flips = (False, True) if tta["flip"] else (False,)
+    return [(int(rotation), flip) for flip in flips for rotation in tta["rotations"]]
+
+
+def tta_label(tta: Mapping) -> str | None:
+    """``"0,90,180,270+flip"``-style name of the views, or None without test-time augmentation."""
+    if tta_views(tta) == [(0, False)]:
+        return None
+    return ",".join(str(int(r)) for r in tta["rotations"]) + ("+flip" if tta["flip"] else "")
+
+
 def shard_dir(cfg: DictConfig) -> Path:
-    """``<run_dir>/infer/<fusion.name>``: this fusion's shards (and, for most fusions, its fused outputs)."""
+    """``<run_dir>/infer/<fusion.name>[-tta<views>]``: this fusion's shards (and, for most fusions, its fused
+    outputs); test-time augmentation gets a folder of its own, so runs with and without it compare."""
     shard_kind(str(cfg.fusion.name))
-    return Path(cfg.run_dir) / "infer" / str(cfg.fusion.name)
+    label = tta_label(cfg.infer.tta)
+    suffix = "" if label is None else "-tta" + label.replace(",", "-").replace("+flip", "f")
+    return Path(cfg.run_dir) / "infer" / f"{cfg.fusion.name}{suffix}"
 
 
 def predicted_sequences(cfg: DictConfig) -> list[str]:

@@ -26,6 +26,7 @@ def test_every_shipped_option_passes(compose_cfg, group, option):
     (["infer.checkpoint=/nowhere/model.pt"], "infer.checkpoint='/nowhere/model.pt'"),
     (["dataset.synthetic.workers=0"], "dataset.synthetic.workers=0"),
     (["dry_run=maybe"], "dry_run='maybe'"),
+    (["infer.tta.rotations=[0,45]"], "infer.tta.rotations=[0, 45]"),
     (["dataset.splits.val=[8]"], "dataset.splits.val=[8]"),  # read sequences/08 but wrote 8.h5 before
     (["fusion=mc_uncertainty", "fusion.weighting=entropi"], "fusion.weighting='entropi'"),  # failed after infer
     (["fusion=mc_uncertainty", "fusion.temperature=0"], "fusion.temperature=0"),

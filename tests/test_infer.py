@@ -102,6 +102,51 @@ def test_fused_labels_equal_whole_frame_prediction_with_sampling_none(tmp_path):
         assert (fused == to_raw(logits.argmax(1).numpy())).mean() > 0.99  # near-ties of random weights
 
 
+def _turn(xyz: np.ndarray, rotation: int, flip: bool) -> np.ndarray:
+    angle = np.radians(rotation)
+    c, s = np.round(np.cos(angle)), np.round(np.sin(angle))
+    x, y = c * xyz[:, 0] - s * xyz[:, 1], s * xyz[:, 0] + c * xyz[:, 1]
+    return np.stack([-x if flip else x, y, xyz[:, 2]], 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("rotation, flip", [(90, False), (180, False), (270, False), (0, True), (90, True)])
+def test_a_turned_batch_is_the_voxelization_of_the_turned_points(block_tiles, rotation, flip):
+    cfg = compose(*base_overrides(block_tiles))
+    tile_file = TileFile(tile_file_path(cfg.tiles_dir, cfg.sampling.name, "08"))
+    samples, turned = [], []
+    for tile in (0, 1):  # two samples: each one's grid minimum goes back to 0 on its own
+        xyz = tile_file.tile(tile)[0][:, :3]
+        chosen, grid, _ = voxelize(xyz, 0.2)
+        samples.append((chosen, grid, xyz[chosen]))
+        turned.append(voxelize(_turn(xyz, rotation, flip), 0.2))
+    offsets = torch.tensor(np.cumsum([len(c) for c, _, _ in samples]))
+    feat = torch.from_numpy(np.concatenate([np.c_[x, np.zeros(len(x), np.float32)] for _, _, x in samples]))
+    view_feat, view_grid = infer.view_of(feat, torch.from_numpy(np.concatenate([g for _, g, _ in samples])),
+                                         offsets, rotation, flip)
+    start = 0
+    for (chosen, _, xyz), (want_chosen, want_grid, _) in zip(samples, turned):
+        rows = slice(start, start + len(chosen))
+        assert sorted(chosen) == sorted(want_chosen)  # the same voxels, the same representative points
+        by_point = {int(p): i for i, p in enumerate(want_chosen)}
+        order = [by_point[int(p)] for p in chosen]
+        np.testing.assert_array_equal(view_grid[rows].numpy(), want_grid[order])
+        np.testing.assert_array_equal(view_feat[rows, :3].numpy(), _turn(xyz, rotation, flip))
+        start += len(chosen)
+
+
+def test_test_time_augmentation_writes_its_own_shards_and_fuses(block_tiles, tmp_path):
+    overrides = [*base_overrides(block_tiles), f"run_dir={tmp_path}/run", "infer.frames_per_chunk=3"]
+    plain, tta = compose(*overrides), compose(*overrides, "infer.tta.rotations=[0,90,180,270]", "infer.tta.flip=true")
+    save_random_checkpoint(plain)
+    assert shard_dir(tta).name == "logit_average-tta0-90-180-270f" and shard_dir(plain).name == "logit_average"
+    infer.run(plain)
+    assert infer.run(tta)["chunks_predicted"] == 1 and infer.plan(tta).done
+    plain_metrics, tta_metrics = fuse.run(plain), fuse.run(tta)
+    assert tta_metrics["predictions"].startswith(str(shard_dir(tta)))
+    assert plain_metrics["num_points"] == tta_metrics["num_points"]
+    assert plain_metrics["confusion"] != tta_metrics["confusion"]  # 8 views of random weights do not all agree
+
+
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     cfg = compose(*base_overrides(tmp_path))
     with pytest.raises(CheckpointError) as err:
