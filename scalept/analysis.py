@@ -14,7 +14,9 @@ and writes into ``--out`` (default ``<sweep dir>/analysis/``):
     stages.png        seconds per stage (train, infer, fuse), stacked
     scaling.png       training throughput against node count (only with several node counts)
 
-A run without some metrics file gets a row saying which one is missing.
+A run without some metrics file gets a row saying which one is missing. A study's run_dir
+(``stage=study``, with its ``study.json``) gets ``study.md`` and its plots instead
+(:mod:`scalept.study_report`).
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scalept.data.semantickitti import CLASS_NAMES
+from scalept import study_report
 from scalept.errors import ScalePTError
+from scalept.study import STUDY_INDEX
 
 log = logging.getLogger("scalept.analysis")
 STAGES = ("train", "infer", "fuse")
@@ -312,9 +316,12 @@ def _scaling_figure(plt, trained: dict, strategies: list[str]):
 
 
 def analyse(sweep: Path, out: Path | None = None) -> list[Path]:
-    """Write comparison.md and the plots for ``sweep``; returns the files written."""
-    runs = collect(Path(sweep))
+    """Write comparison.md and the plots for ``sweep`` (study.md and its plots for a study's run_dir);
+    returns the files written."""
     out = Path(out) if out is not None else Path(sweep) / "analysis"
+    if (Path(sweep) / STUDY_INDEX).is_file():
+        return study_report.write(Path(sweep), out)
+    runs = collect(Path(sweep))
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text(comparison_table(runs))
     return [out / "comparison.md", *plot(runs, out)]

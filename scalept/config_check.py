@@ -64,9 +64,15 @@ ORDER_NAMES = ("z", "z-trans", "hilbert", "hilbert-trans")  # scalept.serializat
 ORDER_LIST: Rule = (lambda v: isinstance(v, list) and len(v) > 0 and all(o in ORDER_NAMES for o in v),
                     "a non-empty list of " + ", ".join(ORDER_NAMES))
 TEXT: Rule = (lambda v: isinstance(v, str) and v != "", "a non-empty text")
+NAMES: Rule = (lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) and x for x in v),
+               "a non-empty list of option names")
+ROTATIONS: Rule = (lambda v: isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v)
+                   and all(_integer(r) and r % 90 == 0 and 0 <= r < 360 for r in v),
+                   "a list of distinct z-rotations from 0, 90, 180, 270, e.g. [0, 90, 180, 270]")
 
-CHECKPOINT: Rule = (lambda v: v in ("best", "last") or (isinstance(v, str) and v.endswith(".pt") and Path(v).is_file()),
-                    "best or last (of run_dir/checkpoints), or the path of an existing .pt checkpoint file")
+# a path's file may be written by an earlier step (a study's training): infer says so if it is missing
+CHECKPOINT: Rule = (lambda v: v in ("best", "last") or (isinstance(v, str) and v.endswith(".pt")),
+                    "best or last (of run_dir/checkpoints), or the path of a .pt checkpoint file")
 
 RULES: dict[str, Rule] = {
     "seed": INTEGER, "nodes": COUNT, "dry_run": FLAG,
@@ -96,9 +102,13 @@ RULES: dict[str, Rule] = {
     "fuse.device": DEVICE,
     "fusion.name": one_of("logit_average", "softmax_average", "mc_uncertainty"), "fusion.mc_passes": COUNT,
     "fusion.weighting": one_of("entropy", "lowest"), "fusion.temperature": POSITIVE,
-    "infer.tta.rotations": (lambda v: isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v)
-                            and all(_integer(r) and r % 90 == 0 and 0 <= r < 360 for r in v),
-                            "a list of distinct z-rotations from 0, 90, 180, 270, e.g. [0, 90, 180, 270]"),
+    "infer.tta.rotations": ROTATIONS, "stage.tta_rotations": ROTATIONS,
+    "stage.train_sampling": TEXT, "stage.samplings": NAMES, "stage.fusions": NAMES,
+    "stage.tta": (lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, bool) for x in v),
+                  "a non-empty list of true / false"),
+    "stage.label_fractions": (lambda v: isinstance(v, list) and len(v) > 0 and all(SHARE[0](x) for x in v),
+                              "a non-empty list of shares in (0, 1], e.g. [1.0, 0.1, 0.01]"),
+    "stage.max_points": optional(COUNT),
     "infer.tta.flip": FLAG,
     "sampling.leaf_points": COUNT, "sampling.voxel_size": POSITIVE,
     "data_dir": TEXT, "tiles_dir": TEXT, "run_dir": TEXT, "dataset.root": TEXT, "dataset.name": TEXT,

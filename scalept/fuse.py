@@ -49,11 +49,11 @@ from scalept.data.tiles import TileFile, tile_file_path
 from scalept.distributed import device as dist_device
 from scalept.errors import ConfigError, ScalePTError
 from scalept.fusion_kernels import WEIGHTINGS, fill_from_map, fill_nearest, fuse_frame
-from scalept.shards import (Chunk, InferenceError, plan_chunks, predicted_sequences, shard_dir, shard_kind,
-                            usable_chunk_file, values_name)
-from scalept.plan import Plan
 from scalept.metrics import (accuracy, confusion_matrix, iou_per_class, iou_table, mean_iou, mean_iou_present,
                              save_confusion_png)
+from scalept.plan import Plan
+from scalept.shards import (Chunk, InferenceError, fusion_output_dir, plan_chunks, predicted_sequences, shard_dir,
+                            shard_kind, usable_chunk_file, values_name)
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,6 @@ log = logging.getLogger(__name__)
 READS = ("run_dir", "tiles_dir", "dataset", "sampling", "infer", "fusion", "fuse")
 
 # --------------------------------------------------------------------------- reading the shards
-
-
-def fusion_output_dir(cfg: DictConfig) -> Path:
-    """Where the fused outputs go: the shards' folder, or ``<name>-lowest`` for the lowest-H variant."""
-    base = shard_dir(cfg)
-    weighting = cfg.fusion.get("weighting")
-    if cfg.fusion.name == "mc_uncertainty" and weighting == "lowest":
-        return base.with_name(f"{base.name}-lowest")
-    return base
 
 
 def read_manifest(shard_dir: Path) -> dict:

@@ -2,8 +2,8 @@
 
 ``python -m scalept.launch stage=infer fusion=<name> run_dir=...`` loads
 ``<run_dir>/checkpoints/<infer.checkpoint>.pt`` (refusing one of another model
-configuration) or the checkpoint file ``infer.checkpoint=<path>.pt``, reads the tile files ``<tiles_dir>/<sampling>/<SS>.h5`` of the
-sequences of ``infer.splits`` and writes, for every tile point, what fusion needs:
+configuration) or the checkpoint file ``infer.checkpoint=<path>.pt``, reads the tile files
+``<tiles_dir>/<sampling>/<SS>.h5`` of the sequences of ``infer.splits`` and writes, for every tile point, what fusion needs:
 
 * ``logit_average``: the logits (float16), the mean over ``fusion.mc_passes``
   passes (stochastic when more than one);
@@ -312,6 +312,8 @@ def _predict(cfg: DictConfig, rank: int, world_size: int) -> dict:
     remove_stale_temporaries(out_dir)
     sequences = predicted_sequences(cfg)
     device = dist_device(str(cfg.infer.device), "infer.device")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model, grid_size, digest = load_model(cfg, device)  # one-line error if missing or of another config
     paths = [tile_file_path(cfg.tiles_dir, cfg.sampling.name, s) for s in sequences]
     tile_files = dict(zip(sequences, open_checked(paths, cfg)))  # one line if missing or tiled otherwise
@@ -345,7 +347,8 @@ def _predict(cfg: DictConfig, rank: int, world_size: int) -> dict:
     elapsed = time.perf_counter() - started
     summary = {"rank": rank, "world_size": world_size, "chunks": len(mine), "chunks_predicted": len(todo),
                "frames_predicted": frames, "tiles_predicted": tiles, "points_predicted": points,
-               "seconds": elapsed, "phase_seconds": phase_s, "files": sorted(p.name for p in done)}
+               "seconds": elapsed, "phase_seconds": phase_s, "files": sorted(p.name for p in done),
+               "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
     _write_json(out_dir / f"shard-{rank:03d}.json", summary)
     log.info("infer: rank %d predicted %d frames (%d tiles, %d points) in %.1f s (%.2f frames/s); shards in %s",
              rank, frames, tiles, points, elapsed, frames / elapsed if elapsed else 0.0, out_dir)

@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from scalept import slurm_jobs  # noqa: E402
+from scalept import slurm_jobs, study  # noqa: E402
 from scalept.steps import check_steps, plan_step, run_step  # noqa: E402
 from scalept.config_check import CONF_DIR, check_config, check_output_dirs  # noqa: E402
 from scalept.errors import ConfigError, ScalePTError, TrainingInterrupted  # noqa: E402
@@ -73,19 +73,25 @@ def run(cfg: DictConfig) -> None:
     check_config(cfg)  # every value, before any work (again in every job)
     check_output_dirs(cfg)
     steps = check_steps(cfg.stage.steps)
+    plan = study.runs(cfg) if cfg.stage.name == "study" else [(cfg, steps)]  # (config, steps) in order
     if cfg.dry_run:
-        print_plans(cfg, steps)
+        for run_cfg, run_steps in plan:
+            print_plans(run_cfg, run_steps)
         return
     job = _submitit_job()
-    if job is not None and slurm_jobs.fusion_is_own_job(steps):
-        steps.remove("fuse")
+    if job is not None and slurm_jobs.fusion_is_own_job(cfg.stage):
+        plan = [(run_cfg, [s for s in run_steps if s != "fuse"]) for run_cfg, run_steps in plan]
     from scalept import distributed
 
+    if cfg.stage.name == "study" and distributed.resolve_env().rank == 0:
+        log.info("study: %d runs; index %s (python -m scalept.analysis %s compares them)", len(plan),
+                 study.write_index(cfg, plan), cfg.run_dir)
     if (job.num_tasks if job is not None else distributed.resolve_env().world_size) == 1:
-        for step in steps:
-            run_step(step, cfg)
+        for run_cfg, run_steps in plan:
+            for step in run_steps:
+                run_step(step, run_cfg)
     else:
-        _run_as_ranks(cfg, steps, job)
+        _run_as_ranks(plan, job)
 
 
 def print_plans(cfg: DictConfig, steps: list[str]) -> None:
@@ -98,9 +104,10 @@ def print_plans(cfg: DictConfig, steps: list[str]) -> None:
         print("\n".join(plan_step(step, cfg).lines()), flush=True)
 
 
-def _run_as_ranks(cfg: DictConfig, steps: list[str], job=None) -> None:
+def _run_as_ranks(plan: list[tuple[DictConfig, list[str]]], job=None) -> None:
     """Every task of a multi-task job (submitit's ``job``, or a plain srun step / torchrun when None):
-    the steps in one process group, a barrier between two, rank 0 alone writing frames and fused labels."""
+    the steps of every (config, steps) of ``plan`` in one process group, a barrier between two, rank 0
+    alone writing frames and fused labels."""
     import contextlib
 
     from scalept import distributed
@@ -108,12 +115,14 @@ def _run_as_ranks(cfg: DictConfig, steps: list[str], job=None) -> None:
     env = distributed.get_env()
     rank = job.global_rank if job is not None else env.rank
     _log_rank(job, env)
-    grouped = len(steps) > 1 or not set(steps) <= {"synth", "preprocess", "fuse"}  # a step or a barrier needs one
+    steps = [(run_cfg, step) for run_cfg, run_steps in plan for step in run_steps]
+    names = {step for _, step in steps}
+    grouped = len(steps) > 1 or not names <= {"synth", "preprocess", "fuse"}  # a step or a barrier needs one
     with distributed.session() if grouped else contextlib.nullcontext():
-        for index, step in enumerate(steps):
+        for index, (run_cfg, step) in enumerate(steps):
             if step not in ("synth", "fuse") or rank == 0:  # one writer of frames and fused labels
                 try:
-                    run_step(step, cfg)
+                    run_step(step, run_cfg)
                 except TrainingInterrupted:  # preempted: rank 0 requeues the job (submitit), the others wait
                     if job is not None and rank != 0:
                         slurm_jobs.wait_for_requeue(job)

@@ -91,6 +91,14 @@ def shard_dir(cfg: DictConfig) -> Path:
     return Path(cfg.run_dir) / "infer" / f"{cfg.fusion.name}{suffix}"
 
 
+def fusion_output_dir(cfg: DictConfig) -> Path:
+    """Where the fused outputs go: the shards' folder, or ``<name>-lowest`` for the lowest-H variant."""
+    base = shard_dir(cfg)
+    if cfg.fusion.name == "mc_uncertainty" and cfg.fusion.get("weighting") == "lowest":
+        return base.with_name(f"{base.name}-lowest")
+    return base
+
+
 def predicted_sequences(cfg: DictConfig) -> list[str]:
     """Sequences of the splits named in ``infer.splits``, each once, in order: what infer writes, fuse reads."""
     names = split_sequences(cfg.dataset.splits, cfg.infer.splits, "infer.splits")

@@ -74,9 +74,10 @@ def fuse_job(cfg: DictConfig) -> None:
     run_step("fuse", cfg)
 
 
-def fusion_is_own_job(steps) -> bool:
-    """On Slurm a point that predicts fuses in a job of its own (it needs every rank's shards)."""
-    return "infer" in steps and "fuse" in steps
+def fusion_is_own_job(stage: DictConfig) -> bool:
+    """On Slurm a point that predicts fuses in a job of its own (it needs every rank's shards); a study
+    fuses each of its evaluations inside its job, after a barrier, before the next one starts."""
+    return stage.name != "study" and "infer" in stage.steps and "fuse" in stage.steps
 
 
 def submit_fusion(point: DictConfig, after: str) -> str:

@@ -23,7 +23,7 @@ def test_every_shipped_option_passes(compose_cfg, group, option):
     (["train.grid_size=0"], "train.grid_size=0"),  # trained "successfully" on one voxel per tile before
     (["sampling.max_points=abc"], "sampling.max_points='abc'"),
     (["infer.checkpoint=foo"], "infer.checkpoint='foo'"),
-    (["infer.checkpoint=/nowhere/model.pt"], "infer.checkpoint='/nowhere/model.pt'"),
+    (["infer.checkpoint=model.ckpt"], "infer.checkpoint='model.ckpt'"),
     (["dataset.synthetic.workers=0"], "dataset.synthetic.workers=0"),
     (["dry_run=maybe"], "dry_run='maybe'"),
     (["infer.tta.rotations=[0,45]"], "infer.tta.rotations=[0, 45]"),

@@ -209,6 +209,8 @@ def test_label_fraction_takes_every_kth_frame(data_dir):
         chosen = sorted(t for g, t in pairs if g == f)
         expected = [t for t in range(tile_file.num_tiles) if tile_file.tile_frame[t] in (0, 2)]
         assert chosen == expected and chosen
+    # counted over all training frames: 1/8 of two 4-frame sequences is frame 0 of the first one alone
+    assert {(g, int(files[g].tile_frame[t])) for g, t in train.label_fraction_tiles(files, 0.125)} == {(0, 0)}
 
 
 def test_lr_scaling_rules():

@@ -32,7 +32,7 @@ class SweepLauncher(SlurmLauncher):
         jobs = self._submit_sweep(job_overrides, initial_job_idx)
         for overrides, job in zip(job_overrides, jobs):
             point = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            if fusion_is_own_job(list(point.stage.steps)):  # the point's job predicts; fusion comes after
+            if fusion_is_own_job(point.stage):  # the point's job predicts; fusion comes after
                 submit_fusion(point, job.job_id)
         return [job.results()[0] for job in jobs]
 

@@ -35,11 +35,17 @@ def frame_subset(num_frames: int, fraction: float) -> np.ndarray:
 
 
 def label_fraction_tiles(files: Sequence[TileFile], fraction: float) -> list[tuple[int, int]]:
-    """(file, tile) pairs of the tiles of :func:`frame_subset`'s frames of every file."""
-    pairs = []
+    """(file, tile) pairs of the tiles of :func:`frame_subset`'s frames, counted over all files in order.
+
+    Counting across files keeps the share right for many short sequences (1 % of 40 sequences of
+    10 frames is 4 frames, not one frame of each).
+    """
+    pairs, first = [], 0
+    kept = frame_subset(sum(f.num_frames for f in files), fraction)
     for f, tile_file in enumerate(files):
-        keep = np.isin(tile_file.tile_frame, frame_subset(tile_file.num_frames, fraction))
+        keep = np.isin(tile_file.tile_frame + first, kept)
         pairs += [(f, int(t)) for t in np.flatnonzero(keep)]
+        first += tile_file.num_frames
     return pairs
 
 
