@@ -108,7 +108,7 @@ RULES: dict[str, Rule] = {
                   "a non-empty list of true / false"),
     "stage.label_fractions": (lambda v: isinstance(v, list) and len(v) > 0 and all(SHARE[0](x) for x in v),
                               "a non-empty list of shares in (0, 1], e.g. [1.0, 0.1, 0.01]"),
-    "stage.max_points": optional(COUNT),
+    "stage.max_points": optional(COUNT), "stage.mc_passes": optional(COUNT),
     "infer.tta.flip": FLAG,
     "sampling.leaf_points": COUNT, "sampling.voxel_size": POSITIVE,
     "data_dir": TEXT, "tiles_dir": TEXT, "run_dir": TEXT, "dataset.root": TEXT, "dataset.name": TEXT,

@@ -60,6 +60,13 @@ def _sampling(cfg: DictConfig, name: str, key: str) -> DictConfig:
     return sampling
 
 
+def _fusion(cfg: DictConfig, name: str) -> DictConfig:
+    fusion = _option("fusion", name, "stage.fusions")
+    if cfg.stage.mc_passes is not None and name == "mc_uncertainty":
+        fusion.mc_passes = int(cfg.stage.mc_passes)
+    return fusion
+
+
 def runs(cfg: DictConfig) -> list[tuple[DictConfig, list[str]]]:
     """Every (config, steps) of the study, in order: synth, then per label fraction a training and its
     evaluations. Each config is checked here, before any work."""
@@ -74,7 +81,7 @@ def runs(cfg: DictConfig) -> list[tuple[DictConfig, list[str]]]:
                 for tta in stage.tta:
                     evaluation = _variant(
                         cfg, sampling=_sampling(cfg, sampling, "stage.samplings"),
-                        fusion=_option("fusion", fusion, "stage.fusions"),
+                        fusion=_fusion(cfg, fusion),
                         run_dir=str(trained / "eval" / sampling), **{
                             "infer.checkpoint": str(trained / "checkpoints" / "last.pt"),
                             "infer.tta.rotations": list(stage.tta_rotations) if tta else [0],

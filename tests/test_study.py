@@ -14,7 +14,7 @@ from scalept.errors import ConfigError
 TINY_STUDY = ["stage=study", "dataset.synthetic.frames_per_sequence=2", "dataset.synthetic.azimuth_steps=256",
               'dataset.splits.train=["00"]', "train.max_steps=3", "train.val_every=0", "train.num_workers=0",
               "infer.num_workers=0", "stage.samplings=[none,hilbert,knn]", "stage.max_points=4000",
-              "stage.fusions=[logit_average,mc_uncertainty]"]
+              "stage.fusions=[logit_average,mc_uncertainty]", "stage.mc_passes=2"]
 
 
 def test_the_study_trains_once_per_label_fraction_and_evaluates_every_combination(compose_cfg, tmp_path):
@@ -29,6 +29,7 @@ def test_the_study_trains_once_per_label_fraction_and_evaluates_every_combinatio
     knn = [c for c in evaluations if c.sampling.name == "knn" and c.fusion.name == "mc_uncertainty"
            and c.infer.tta.rotations == [0, 90, 180, 270] and c.train.label_fraction == 0.5]
     assert len(knn) == 1 and knn[0].sampling.max_points == 4000 and knn[0].fusion.weighting == "entropy"
+    assert knn[0].fusion.mc_passes == 2 and evaluations[0].fusion.mc_passes == 1  # logit_average keeps its own
     assert knn[0].infer.checkpoint == f"{tmp_path}/train-lf0.5/checkpoints/last.pt"
     assert knn[0].run_dir == f"{tmp_path}/train-lf0.5/eval/knn" and list(knn[0].preprocess.splits) == ["val"]
 
@@ -64,3 +65,11 @@ def test_a_tiny_study_runs_end_to_end_and_compares_its_evaluations(tmp_path):
     again = subprocess.run(command + ["dry_run=true"], capture_output=True, text=True, timeout=300)
     heads = [line for line in again.stdout.splitlines() if not line.startswith(" ")]
     assert len(heads) == 1 + 2 + 3 * 2 * 2 * 3 and all(": done" in h for h in heads), again.stdout[-2000:]
+
+
+def test_the_gpu_study_experiment_composes_and_plans(compose_cfg, tmp_path):
+    cfg = compose_cfg("+experiment=study", f"data_dir={tmp_path}")
+    assert (cfg.model.name, cfg.train.name, cfg.dataset.name) == ("ptv3", "outdoor", "synthetic_study")
+    assert len(cfg.dataset.splits.train) >= 40 and len(cfg.dataset.splits.val) >= 4
+    plan = study.runs(cfg)
+    assert sum(steps == study.EVAL_STEPS for _, steps in plan) == 4 * 2 * 2
