@@ -70,6 +70,7 @@ def scan_statistics(root: str | os.PathLike, max_frames: int | None = None) -> d
         "remission_percentiles": np.percentile(rem, PERCENTILES).round(3).tolist(),
         "ignored_share": ignored / max(ignored + scored, 1) if labelled else None,
         "class_share": {n: float(c / scored) for n, c in zip(CLASS_NAMES, classes)} if scored else None,
+        "classes_present": int((classes > 0).sum()) if scored else None,
     }
 
 
@@ -110,6 +111,7 @@ def table(synthetic: dict, real: dict | None) -> str:
                        ("remission_percentiles", "remission p5/25/50/75/95")):
         rows.append(_row(label, synthetic[key], real.get(key)))
     rows.append(_row("ignored share (labelled)", synthetic["ignored_share"], real.get("ignored_share")))
+    rows.append(_row(f"classes present (of {NUM_CLASSES})", synthetic["classes_present"], real.get("classes_present")))
     real_share = real.get("class_share") or {}
     for name in CLASS_NAMES:
         share = [synthetic["class_share"][name], real_share.get(name)]

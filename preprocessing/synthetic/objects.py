@@ -11,6 +11,12 @@ from .primitives import (AXIS_X, AXIS_Y, BOX, BUILDING, CYLINDER, ELLIPSOID, FEN
                          TRUNK, VEGETATION, PartList, Parts, material)
 
 
+def length(parts: Parts) -> float:
+    """Extent along the object's x axis (a vehicle's length), for spacing objects in a row."""
+    reach = np.einsum("nj,nj->n", np.abs(parts.rot[:, 0, :]), parts.half)
+    return float((parts.center[:, 0] + reach).max() - (parts.center[:, 0] - reach).min())
+
+
 def _wheels(p: PartList, rng, xs, radius: float, width: float) -> None:
     """Axles as horizontal cylinders across the vehicle: from outside they look like its wheels."""
     tire = material("tire", rng)
@@ -31,8 +37,20 @@ def car(rng, label: int, instance: int) -> Parts:
     return p.parts()
 
 
+def van(rng, label: int, instance: int) -> Parts:
+    """A delivery van or minibus: SemanticKITTI counts these as cars."""
+    length, width, height = rng.uniform(4.8, 5.6), rng.uniform(1.9, 2.05), rng.uniform(1.9, 2.4)
+    paint = material("car_paint", rng)
+    p = PartList(label, instance)
+    p.add(BOX, (-0.35, 0, 0.35 + height / 2), (length / 2 - 0.35, width / 2, height / 2 - 0.05), paint)
+    p.add(BOX, (length / 2 - 0.4, 0, 0.75), (0.4, width / 2 - 0.05, 0.35), paint)
+    _wheels(p, rng, (0.32 * length, -0.3 * length), 0.34, width - 0.1)
+    return p.parts()
+
+
 def truck(rng, label: int, instance: int) -> Parts:
-    length, width = rng.uniform(6.5, 10.0), rng.uniform(2.35, 2.55)
+    length = rng.uniform(5.0, 7.0) if rng.random() < 0.7 else rng.uniform(7.0, 10.0)
+    width = rng.uniform(2.3, 2.55)
     cargo = length - 2.3
     p = PartList(label, instance)
     p.add(BOX, (length / 2 - 1.15, 0, 1.7), (1.1, width / 2, 1.2), material("truck", rng))
@@ -47,6 +65,47 @@ def bus(rng, label: int, instance: int) -> Parts:
     p.add(BOX, (0, 0, 1.05), (length / 2, width / 2, 0.7), material("truck", rng))
     p.add(BOX, (0, 0, 2.4), (length / 2, width / 2, 0.65), material("glass", rng), porosity=0.3)
     _wheels(p, rng, (length / 2 - 2.5, -length / 2 + 3.0), 0.5, width - 0.1)
+    return p.parts()
+
+
+def trailer(rng, label: int, instance: int) -> Parts:
+    """A box or flat-bed trailer left at the kerb (other-vehicle)."""
+    length, width = rng.uniform(3.0, 7.0), rng.uniform(1.8, 2.5)
+    p = PartList(label, instance)
+    if rng.random() < 0.5:
+        p.add(BOX, (0, 0, 1.45), (length / 2, width / 2, rng.uniform(0.8, 1.3)), material("truck", rng))
+    else:
+        p.add(BOX, (0, 0, 0.75), (length / 2, width / 2, 0.12), material("metal", rng))
+        p.add(BOX, (0, 0, 1.05), (length / 2, width / 2, 0.2), material("truck", rng), porosity=0.5)
+    p.add(BOX, (length / 2 + 0.6, 0, 0.55), (0.6, 0.05, 0.05), material("metal", rng))
+    _wheels(p, rng, (0.0,), 0.38, width - 0.1)
+    return p.parts()
+
+
+def caravan(rng, label: int, instance: int) -> Parts:
+    """A camper or small tram-like box on wheels, taller than a car (other-vehicle)."""
+    length, width, height = rng.uniform(5.0, 8.0), rng.uniform(2.2, 2.5), rng.uniform(2.5, 3.1)
+    p = PartList(label, instance)
+    p.add(BOX, (0, 0, 0.45 + height / 2), (length / 2, width / 2, height / 2), material("truck", rng))
+    p.add(BOX, (length / 2 + 0.7, 0, 0.55), (0.7, 0.05, 0.05), material("metal", rng))
+    _wheels(p, rng, (-0.1 * length,), 0.4, width - 0.1)
+    return p.parts()
+
+
+def motorcycle(rng, label: int, instance: int, rider: bool = False) -> Parts:
+    """A motorbike or scooter; with ``rider`` the whole of it is a motorcyclist, as SemanticKITTI labels it."""
+    length = rng.uniform(1.8, 2.3)
+    p = PartList(label, instance)
+    for x in (0.36 * length, -0.36 * length):
+        p.add(CYLINDER, (x, 0, 0.31), (0.31, 0.31, 0.06), material("tire", rng), axis=AXIS_Y)
+    paint = material("car_paint", rng)
+    p.add(BOX, (0, 0, 0.62), (0.3 * length, 0.2, 0.2), paint)
+    p.add(BOX, (-0.12 * length, 0, 0.86), (0.22 * length, 0.15, 0.06), material("tire", rng))
+    p.add(BOX, (0.36 * length, 0, 1.05), (0.04, 0.36, 0.03), material("metal", rng))
+    if rider:
+        p.add(BOX, (-0.05, 0, 0.72), (0.22, 0.2, 0.2), material("clothes", rng))
+        _body(p, rng, 0.92, rng.uniform(0.95, 1.05), legs=False, lean=0.15)
+        p.add(ELLIPSOID, (0.24, 0, 1.88), (0.15, 0.14, 0.15), material("car_paint", rng))   # helmet
     return p.parts()
 
 
@@ -93,7 +152,8 @@ def bicyclist(rng, label: int, instance: int) -> Parts:
 def tree(rng, *, crown: float | None = None) -> Parts:
     """A trunk (71) under a leafy crown (70) that only partly hides it."""
     radius = crown or rng.uniform(1.5, 3.6)
-    trunk_r, trunk_h = rng.uniform(0.1, 0.3), rng.uniform(1.5, 2.8) + 0.3 * radius
+    trunk_r = rng.uniform(0.08, 0.22)
+    trunk_h = rng.uniform(1.5, 2.8) + 0.3 * radius
     p = PartList(TRUNK)
     p.add(CYLINDER, (0, 0, trunk_h / 2), (trunk_r, trunk_r, trunk_h / 2), material("bark", rng))
     leaves, z = material("leaves", rng), trunk_h + 0.4 * radius
@@ -106,8 +166,8 @@ def tree(rng, *, crown: float | None = None) -> Parts:
     return p.parts()
 
 
-def bush(rng) -> Parts:
-    rx, ry, rz = rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5), rng.uniform(0.4, 1.0)
+def bush(rng, scale: float = 1.0) -> Parts:
+    rx, ry, rz = scale * rng.uniform(0.5, 1.5), scale * rng.uniform(0.5, 1.5), rng.uniform(0.4, 1.0)
     return PartList(VEGETATION).add(ELLIPSOID, (0, 0, 0.7 * rz), (rx, ry, rz), material("leaves", rng),
                                     yaw=rng.uniform(0, np.pi), porosity=0.2).parts()
 
@@ -141,6 +201,16 @@ def building(rng, length: float, depth: float) -> Parts:
     return p.parts()
 
 
+def guard_rail(rng, length: float) -> Parts:
+    """A crash barrier on posts along x: SemanticKITTI counts guard rails as fence."""
+    p = PartList(FENCE)
+    height = rng.uniform(0.6, 0.8)
+    p.add(BOX, (0, 0, height), (length / 2, 0.05, 0.17), material("rail", rng))
+    for x in np.arange(-length / 2 + 1, length / 2, 4.0):
+        p.add(BOX, (x, 0.08, height / 2), (0.05, 0.05, height / 2), material("metal", rng))
+    return p.parts()
+
+
 def streetlight(rng) -> Parts:
     """A pole with an arm reaching over the road (+y)."""
     height, arm = rng.uniform(6.0, 9.0), rng.uniform(1.0, 2.5)
@@ -156,7 +226,7 @@ def traffic_sign(rng) -> Parts:
     height = rng.uniform(2.0, 2.6)
     p = PartList(POLE)
     p.add(CYLINDER, (0, 0, height / 2), (0.04, 0.04, height / 2), material("metal", rng))
-    size = rng.uniform(0.3, 0.6)
+    size = rng.uniform(0.3, 0.6) if rng.random() < 0.7 else rng.uniform(0.6, 1.0)
     sign = material("sign", rng)
     if rng.random() < 0.5:
         p.add(CYLINDER, (0.06, 0, height + size), (size, size, 0.02), sign, axis=AXIS_X, label=TRAFFIC_SIGN)
@@ -167,3 +237,17 @@ def traffic_sign(rng) -> Parts:
     return p.parts()
 
 
+
+
+def traffic_light(rng, reach: float) -> Parts:
+    """A mast at a crossing with signal heads on it and on an arm over the road (+y); heads count as signs."""
+    height = rng.uniform(3.5, 5.5)
+    metal, sign = material("metal", rng), material("sign", rng)
+    p = PartList(POLE)
+    p.add(CYLINDER, (0, 0, height / 2), (0.09, 0.09, height / 2), metal)
+    p.add(BOX, (0.15, 0, 2.6), (0.12, 0.18, 0.45), sign, label=TRAFFIC_SIGN)
+    if reach > 0:
+        p.add(BOX, (0, reach / 2, height - 0.15), (0.06, reach / 2, 0.06), metal)
+        p.add(BOX, (0.12, reach, height - 0.6), (0.12, 0.18, 0.45), sign, label=TRAFFIC_SIGN)
+    p.add(BOX, (0.05, 0, height - 1.1), (0.03, 0.5, 0.25), sign, label=TRAFFIC_SIGN)   # street-name plate
+    return p.parts()

@@ -15,10 +15,11 @@ import numpy as np
 BOX, CYLINDER, ELLIPSOID = 0, 1, 2
 
 # Raw SemanticKITTI ids (low 16 bits of a .label value).
-CAR, BICYCLE, TRUCK, OTHER_VEHICLE, PERSON, BICYCLIST = 10, 11, 18, 20, 30, 31
-ROAD, PARKING, SIDEWALK, BUILDING, FENCE, LANE_MARKING = 40, 44, 48, 50, 51, 60
+CAR, BICYCLE, MOTORCYCLE, TRUCK, OTHER_VEHICLE = 10, 11, 15, 18, 20
+PERSON, BICYCLIST, MOTORCYCLIST = 30, 31, 32
+ROAD, PARKING, SIDEWALK, OTHER_GROUND, BUILDING, FENCE, LANE_MARKING = 40, 44, 48, 49, 50, 51, 60
 VEGETATION, TRUNK, TERRAIN, POLE, TRAFFIC_SIGN = 70, 71, 72, 80, 81
-MOVING = {CAR: 252, BICYCLIST: 253, PERSON: 254, TRUCK: 258, OTHER_VEHICLE: 259}
+MOVING = {CAR: 252, BICYCLIST: 253, PERSON: 254, MOTORCYCLIST: 255, TRUCK: 258, OTHER_VEHICLE: 259}
 """The raw id SemanticKITTI gives a moving object of each class."""
 
 # Mean remission and the spread between objects of one material (car paint colours,
@@ -28,10 +29,10 @@ MATERIALS = {
     "parking": (0.25, 0.0), "facade": (0.34, 0.10), "fence": (0.28, 0.08), "leaves": (0.38, 0.04),
     "bark": (0.39, 0.04), "metal": (0.26, 0.05), "sign": (0.85, 0.07), "car_paint": (0.2, 0.12),
     "glass": (0.04, 0.02), "tire": (0.05, 0.02), "truck": (0.32, 0.10), "clothes": (0.42, 0.12),
-    "skin": (0.47, 0.05), "bicycle": (0.22, 0.08),
+    "skin": (0.47, 0.05), "bicycle": (0.22, 0.08), "gravel": (0.31, 0.0), "rail": (0.45, 0.05),
 }
 GROUND_MATERIAL = {ROAD: "asphalt", LANE_MARKING: "lane_paint", PARKING: "parking", SIDEWALK: "paving",
-                   TERRAIN: "grass"}
+                   OTHER_GROUND: "gravel", TERRAIN: "grass"}
 GROUND_REMISSION = np.zeros(1 << 8, dtype=np.float64)
 for _label, _name in GROUND_MATERIAL.items():
     GROUND_REMISSION[_label] = MATERIALS[_name][0]
@@ -55,7 +56,10 @@ def material(name: str, rng: np.random.Generator) -> float:
 
 
 def rot_z(yaw: np.ndarray | float) -> np.ndarray:
-    """Rotation matrices about z, shape (..., 3, 3)."""
+    """Rotation matrices about z, shape (..., 3, 3); a scalar yaw takes a short path (blocks add thousands)."""
+    if np.ndim(yaw) == 0:
+        c, s = float(np.cos(yaw)), float(np.sin(yaw))
+        return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
     c, s = np.cos(yaw), np.sin(yaw)
     zero, one = np.zeros_like(c), np.ones_like(c)
     return np.stack([np.stack([c, -s, zero], -1), np.stack([s, c, zero], -1),

@@ -55,6 +55,8 @@ class Road:
     def to_road(self, xw, yw):
         """Road coordinates (x, d) of world points: the inverse of :meth:`to_world`, by fixed-point steps."""
         x = np.asarray(xw, dtype=np.float64)
+        if self.amplitude == 0:      # a straight street: the frames coincide (and the ground map is hot)
+            return x, np.asarray(yw, dtype=np.float64)
         for _ in range(2):
             y, c, s = self._axes(x)
             x = x + ((xw - x) * c + (yw - y) * s) * c
@@ -94,11 +96,43 @@ class Mover:
 
 
 @dataclass
+class Style:
+    """The kind of street a sequence drives along: the odds each of its blocks draws its layout from.
+
+    Drawn once per (seed, sequence), so short sequences differ in character (inner city,
+    suburb, park-side, open country) and not only in where things stand.
+    """
+
+    frontage: np.ndarray   # (4,) odds of buildings / fenced yard / park / open land behind the sidewalk
+    parking: float         # chance of a parking lane on one side of a block
+    parked: float          # share of a parking lane's places taken
+    junction: float        # chance of a side street on one side of a block
+    lot: float             # chance of a parking lot behind the sidewalk on one side of a block
+    verge: float           # chance of a strip of other ground (gravel, paving) behind the sidewalk
+    traffic: float         # how busy the road is (a multiplier of moving vehicles)
+    trees: float           # a multiplier of trees and bushes
+    heavy: float           # a multiplier of trucks, buses, trailers and caravans among vehicles
+
+    KINDS = np.array([[0.60, 0.10, 0.25, 0.05], [0.25, 0.35, 0.30, 0.10],
+                      [0.05, 0.15, 0.65, 0.15], [0.05, 0.10, 0.40, 0.45]])
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> Style:
+        kind = int(rng.choice(4, p=[0.3, 0.35, 0.2, 0.15]))
+        return cls(frontage=rng.dirichlet(25 * cls.KINDS[kind]), parking=rng.uniform(0.1, 0.3 - 0.04 * kind),
+                   parked=rng.uniform(0.15, 0.35), junction=rng.uniform(0.06, 0.2), lot=rng.uniform(0.03, 0.12),
+                   verge=rng.uniform(0.5, 0.7), traffic=rng.uniform(0.6, 1.6), trees=rng.uniform(1.4, 2.4),
+                   heavy=rng.uniform(0.5, 2.0))
+
+
+@dataclass
 class Block:
     parking: np.ndarray   # (2,) bool: a parking lane on the right (0) / left (1) side
     street: np.ndarray    # (2, 2): block-local x interval of a side street per side, (-10, -10) if none
     terrain: np.ndarray   # (2,): height of the terrain beyond the sidewalk over the road, per side
     static: Parts         # in the world frame
+    verge: np.ndarray     # (2,): width of the other-ground strip behind the sidewalk, per side (0: none)
+    lot: np.ndarray       # (2, 3): block-local x interval and depth of a parking lot per side, (-10, -10, 0) if none
 
 
 class StreetLayout(Protocol):
@@ -107,12 +141,18 @@ class StreetLayout(Protocol):
     seed: int
     sequence: str
     road: Road
+    style: Style
     lanes: int            # lanes per direction
+    median: float         # width of the raised island between the two directions (0: none)
     lane_width: float
     half_width: float     # centre line to the curb of the driving lanes
     sidewalk: np.ndarray  # (2,) sidewalk width right, left
+    lawn: np.ndarray      # (2,) width of the grass strip between the curb and the sidewalk (0: none)
     ego_d: float          # the ego lane's lateral offset
     v0: float             # the ego vehicle's speed, m/s
+
+    def lane_d(self, lane: int, oncoming: bool) -> float:
+        """Lateral offset of the centre of lane ``lane`` (0 next to the centre line) of one direction."""
 
     def time_at(self, x: float) -> float:
         """When the ego vehicle passes road coordinate ``x``."""

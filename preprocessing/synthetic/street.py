@@ -1,26 +1,37 @@
 """What stands along one block of the street: its layout is drawn here, its shapes come from objects.py.
 
-Per side of the road: parked cars in the parking lane, street lights and signs at the curb,
-trees, bicycles and people on the sidewalk, then a frontage of buildings, a fenced yard or
-a park, and far trees and buildings that give the upper beams something to hit. Traffic
-(oncoming and overtaking cars, bicyclists, pedestrians) moves along the road.
+Per side of the road: parked vehicles in the parking lane, street lights and signs at the
+curb, trees, bicycles, motorbikes and people on the sidewalk, then (in :mod:`.frontage`) the
+buildings, yards, parks, open land or parking lots behind it. Traffic (oncoming and
+overtaking vehicles, bicyclists, motorcyclists, pedestrians) moves along the road. The odds
+of all of these come from the street's :class:`~.road.Style`.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from . import objects
-from .primitives import BICYCLE, BICYCLIST, CAR, MOVING, OTHER_VEHICLE, PERSON, TRUCK, Parts, rng_for
+from .frontage import HEAVY, OTHER_HEAVY, build_frontage, junction, lay_by
+from .primitives import (BICYCLE, BICYCLIST, CAR, MOTORCYCLE, MOTORCYCLIST, MOVING, OTHER_VEHICLE, PERSON, TRUCK,
+                         Parts, rng_for)
 from .road import BLOCK_LENGTH, CURB_HEIGHT, LOW_TERRAIN, MAX_MOVER_WINDOW, PARKING_WIDTH, Block, Mover, StreetLayout
 
 L = BLOCK_LENGTH
+VEHICLE_LABEL = {"car": CAR, "van": CAR, "truck": TRUCK, "bus": OTHER_VEHICLE, "trailer": OTHER_VEHICLE,
+                 "caravan": OTHER_VEHICLE, "motorcycle": MOTORCYCLE}
+PARKED = {"car": 0.72, "van": 0.1, "motorcycle": 0.06, "truck": 0.05, "trailer": 0.03, "caravan": 0.02, "bus": 0.02}
+DRIVING = {"car": 0.72, "van": 0.1, "truck": 0.1, "bus": 0.05, "caravan": 0.03}
 
 
-class _Builder:
+class Builder:
     """Places objects given in road coordinates of one block, and hands out instance ids."""
 
-    def __init__(self, scene: StreetLayout, k: int, street: np.ndarray, first_instance: int = 1):
+    def __init__(self, scene: StreetLayout, k: int, street: np.ndarray, lot: np.ndarray | None = None,
+                 parking: np.ndarray | None = None, first_instance: int = 1):
         self.scene, self.k, self.street = scene, k, street
+        self.lot = np.full((2, 3), -10.0) if lot is None else lot
+        self.parking = np.zeros(2, dtype=bool) if parking is None else parking
+        self.blocked: list[list[tuple[float, float]]] = [[(x0, x1)] if x1 > 0 else [] for x0, x1, _ in self.lot]
         self.x0 = k * L
         self.parts: list[Parts] = []
         self.movers: list[Mover] = []
@@ -31,10 +42,19 @@ class _Builder:
         self._next += 1
         return (self.k % 255) * 256 + min(self._next, 255)
 
+    def walk_edge(self, side: int) -> float:
+        """Lateral distance from the centre line to the back of this side's sidewalk."""
+        scene = self.scene
+        return scene.half_width + PARKING_WIDTH * self.parking[side] + scene.lawn[side] + scene.sidewalk[side]
+
     def free(self, side: int, start: float, end: float) -> bool:
         """Whether the block-local x interval keeps clear of this side's side street."""
         s0, s1 = self.street[side]
         return end < s0 - 1.0 or start > s1 + 1.0
+
+    def clear(self, side: int, start: float, end: float) -> bool:
+        """Like :meth:`free`, and also clear of this side's parking lot and lay-by (for what stands behind the sidewalk)."""
+        return self.free(side, start, end) and all(end < b0 - 1.0 or start > b1 + 1.0 for b0, b1 in self.blocked[side])
 
     def put(self, parts: Parts, xl: float, d: float, level: float, yaw: float) -> None:
         xw, yw, heading = self.scene.road.to_world(self.x0 + xl, d)
@@ -51,6 +71,18 @@ class _Builder:
         window = float(np.clip(150.0 / max(abs(speed - self.scene.v0), 1e-3), 15.0, MAX_MOVER_WINDOW))
         self.movers.append(Mover(parts, self.x0 + xl, d, level, yaw, speed, t_ref, window))
 
+    def heavy_mix(self) -> dict[str, float]:
+        """Blocks take turns between a lorry and another heavy vehicle, so that a short drive sees both classes."""
+        return {"truck": 1.0} if self.k % 2 == 0 else OTHER_HEAVY
+
+    def vehicle(self, rng, mix: dict[str, float], moving: bool = False) -> tuple[str, Parts]:
+        """A vehicle drawn from ``mix``, heavy kinds weighted by the street's style."""
+        kinds = list(mix)
+        p = np.array([mix[k] * (self.scene.style.heavy if k in HEAVY else 1.0) for k in kinds])
+        kind = str(rng.choice(kinds, p=p / p.sum()))
+        label = VEHICLE_LABEL[kind]
+        return kind, getattr(objects, kind)(rng, MOVING[label] if moving else label, self.instance())
+
 
 STATIC_STREAM, TRAFFIC_STREAM = 0, 1
 
@@ -58,166 +90,157 @@ STATIC_STREAM, TRAFFIC_STREAM = 0, 1
 def build_block(scene: StreetLayout, k: int) -> Block:
     """The static layout of block k; its traffic is drawn apart (:func:`build_traffic`), as it is needed farther out."""
     rng = rng_for(scene.seed, scene.sequence, STATIC_STREAM, k)
-    parking = rng.random(2) < 0.2
+    style = scene.style
+    parking = rng.random(2) < style.parking
     street = np.full((2, 2), -10.0)
     for side in range(2):
-        if rng.random() < 0.12:
-            s = rng.uniform(0, L - 12)
-            street[side] = s, s + rng.uniform(8, 12)
-    terrain = np.where(rng.random(2) < 0.35, LOW_TERRAIN, CURB_HEIGHT)
-    b = _Builder(scene, k, street)
+        if rng.random() < style.junction:
+            s = rng.uniform(0, L - 14)
+            street[side] = s, s + rng.uniform(9, 14)
+    if rng.random() < 0.5 and (street[:, 1] > 0).any():   # a crossing rather than a T-junction
+        street[:] = street[int(np.argmax(street[:, 1]))]
+    has_verge = rng.random(2) < style.verge
+    has_verge[int(rng.integers(2))] |= rng.random() < 0.6    # most blocks have one on some side
+    verge = np.where(has_verge, rng.uniform(0.4, 0.8, 2), 0.0)
+    lot = _lots(rng, style.lot, parking)
+    terrain = np.where(rng.random(2) < 0.5, LOW_TERRAIN, CURB_HEIGHT)
+    b = Builder(scene, k, street, lot, parking)
+    lay_by(b, rng, int(rng.integers(2)), verge, terrain)   # this block's lorry, bus or trailer
     for side, sign in ((0, -1.0), (1, 1.0)):
         _curbside(b, rng, side, sign, parking[side])
-        _frontage(b, rng, side, sign, terrain[side])
-    return Block(parking, street, terrain, Parts.concat(b.parts))
+        build_frontage(b, rng, side, sign, terrain[side], verge[side])
+        if street[side, 1] > 0:
+            junction(b, rng, side, sign, parking[side])
+    return Block(parking, street, terrain, Parts.concat(b.parts), verge, lot)
+
+
+def _lots(rng, chance: float, parking: np.ndarray) -> np.ndarray:
+    """Parking lots behind the sidewalk; a block with no parking lane or lot gets a small bay instead."""
+    lot = np.full((2, 3), -10.0)
+    for side in range(2):
+        if rng.random() < chance:
+            length = rng.uniform(18, 32)
+            x0 = rng.uniform(0, L - length)
+            lot[side] = x0, x0 + length, rng.uniform(8, 14)
+    if not parking.any() and lot[:, 1].max() < 0:
+        length = rng.uniform(10, 18)
+        x0 = rng.uniform(0, L - length)
+        lot[int(rng.integers(2))] = x0, x0 + length, rng.uniform(5.5, 8)
+    return lot
 
 
 def build_traffic(scene: StreetLayout, k: int) -> list[Mover]:
-    """Oncoming and overtaking vehicles, bicyclists at the right edge, pedestrians on the sidewalks.
+    """Oncoming and overtaking vehicles, bicyclists and motorcyclists, pedestrians on the sidewalks.
 
     Each mover is tied to the block it is in when the ego vehicle enters that block.
     """
-    b = _Builder(scene, k, np.full((2, 2), -10.0), first_instance=129)   # ids apart from the static things
+    b = Builder(scene, k, np.full((2, 2), -10.0), first_instance=129)   # ids apart from the static things
     _traffic(b, rng_for(scene.seed, scene.sequence, TRAFFIC_STREAM, k))
     return b.movers
 
 
-def _curbside(b: _Builder, rng, side: int, sign: float, parking: bool) -> None:
+def _parking_lane(b: Builder, rng, side: int, sign: float) -> None:
+    """Vehicles parked along the curb, now and then a van, lorry or trailer among the cars."""
+    scene = b.scene
+    along = 0.0 if sign < 0 else np.pi        # heading of traffic on this side
+    xl = rng.uniform(-1, 3)
+    while xl < L - 2:
+        _, obj = b.vehicle(rng, PARKED)
+        length = objects.length(obj) + rng.uniform(0.6, 2.0)
+        if rng.random() < scene.style.parked and b.free(side, xl, xl + length):
+            b.put(obj, xl + length / 2, sign * (scene.half_width + 1.2), 0.0, along)
+        xl += length
+
+
+def _curbside(b: Builder, rng, side: int, sign: float, parking: bool) -> None:
     scene = b.scene
     curb = scene.half_width + PARKING_WIDTH * parking
-    outer = curb + scene.sidewalk[side]
+    lawn = scene.lawn[side]
+    outer = curb + lawn + scene.sidewalk[side]
     along = 0.0 if sign < 0 else np.pi        # heading of traffic on this side
     toward = along                            # yaw turning an object's +y toward the road
     if parking:
-        xl = rng.uniform(-1, 3)
-        while xl < L - 2:
-            length = 4.7 + rng.uniform(0.3, 3.0)
-            if rng.random() < 0.5 and b.free(side, xl, xl + length):
-                kind = rng.choice(["car", "truck", "bus"], p=[0.9, 0.06, 0.04])
-                label = {"car": CAR, "truck": TRUCK, "bus": OTHER_VEHICLE}[kind]
-                obj = getattr(objects, kind)(rng, label, b.instance())
-                b.put(obj, xl + 2.4, sign * (scene.half_width + 1.2), 0.0, along)
-                length += 0.0 if kind == "car" else 6.0
-            xl += length
-    if rng.random() < 0.6:
-        xl = rng.uniform(2, L - 2)
+        _parking_lane(b, rng, side, sign)
+    for xl in rng.uniform(2, L - 2, rng.binomial(2, 0.45)):
         if b.free(side, xl, xl):
             b.put(objects.streetlight(rng), xl, sign * (curb + 0.45), CURB_HEIGHT, toward)
-    if rng.random() < 0.7:
-        xl = rng.uniform(2, L - 2)
+    for xl in rng.uniform(2, L - 2, rng.binomial(2, 0.5)):
         if b.free(side, xl, xl):
             b.put(objects.traffic_sign(rng), xl, sign * (curb + 0.3), CURB_HEIGHT, toward)
-    if scene.sidewalk[side] >= 2.2 and rng.random() < 0.7:
+    if max(lawn, scene.sidewalk[side]) >= 2.2 and rng.random() < 0.6 * scene.style.trees:
+        at = curb + (lawn / 2 if lawn >= 2.2 else 0.9)     # in the grass strip, or in pits in the paving
         for xl in np.arange(rng.uniform(2, 8), L, rng.uniform(8, 14)):
             if b.free(side, xl - 1, xl + 1):
-                b.put(objects.tree(rng, crown=rng.uniform(1.5, 3.0)), xl, sign * (curb + 0.9), CURB_HEIGHT, 0.0)
-    if rng.random() < 0.3:
-        xl = rng.uniform(2, L - 5)
-        for j in range(rng.integers(1, 4)):
-            if b.free(side, xl, xl + 2.5):
-                b.put(objects.bicycle(rng, BICYCLE, b.instance()), xl + 0.75 * j, sign * (outer - 0.5), CURB_HEIGHT,
-                      toward + np.pi / 2 + rng.uniform(-0.2, 0.2))
-    for _ in range(rng.poisson(0.5)):
+                b.put(objects.tree(rng, crown=rng.uniform(1.5, 3.0)), xl, sign * at, CURB_HEIGHT, 0.0)
+    if lawn > 1.2 and rng.random() < 0.8:   # shrubs in the grass strip
+        for xl in rng.uniform(1, L - 1, rng.integers(2, 7)):
+            if b.free(side, xl - 1, xl + 1):
+                b.put(objects.bush(rng, scale=min(1.0, lawn / 3)), xl, sign * (curb + lawn / 2), CURB_HEIGHT, 0.0)
+    if rng.random() < 0.3:      # a railing along the back of the sidewalk
+        xl = rng.uniform(0, L - 6)
+        length = rng.uniform(5, 15)
+        if b.free(side, xl, xl + length):
+            b.put(objects.fence(rng, length), xl + length / 2, sign * (outer - 0.15), CURB_HEIGHT, 0.0)
+    for make, label, p in ((objects.bicycle, BICYCLE, 0.6), (objects.motorcycle, MOTORCYCLE, 0.55)):
+        if rng.random() < p:
+            xl = rng.uniform(2, L - 5)
+            edge = rng.random() < 0.5     # at the curb or against the back of the sidewalk
+            for j in range(rng.integers(1, 4)):
+                if b.free(side, xl, xl + 2.5):
+                    b.put(make(rng, label, b.instance()), xl + 0.9 * j, sign * (curb + 1.0 if edge else outer - 0.7),
+                          CURB_HEIGHT, toward + np.pi / 2 + rng.uniform(-0.3, 0.3))
+    for _ in range(rng.poisson(0.6)):
         xl = rng.uniform(1, L - 1)
         if b.free(side, xl, xl):
-            b.put(objects.person(rng, PERSON, b.instance()), xl, sign * rng.uniform(curb + 0.5, outer - 0.3),
+            b.put(objects.person(rng, PERSON, b.instance()), xl, sign * rng.uniform(curb + lawn + 0.3, outer - 0.3),
                   CURB_HEIGHT, rng.uniform(0, 2 * np.pi))
-    if rng.random() < 0.05:
+    if rng.random() < 0.08:
         xl = rng.uniform(1, L - 1)
         if b.free(side, xl, xl):
             b.put(objects.bicyclist(rng, BICYCLIST, b.instance()), xl, sign * (curb + 0.6), CURB_HEIGHT, along)
+    if side == 1 and rng.random() < 0.5:     # stopped at the far curb, engine running
+        xl = rng.uniform(1, L - 1)
+        if b.free(side, xl, xl):
+            b.put(objects.motorcycle(rng, MOTORCYCLIST, b.instance(), rider=True), xl, curb - 0.7, 0.0, along)
 
 
-def _frontage(b: _Builder, rng, side: int, sign: float, level: float) -> None:
+def _traffic(b: Builder, rng) -> None:
     scene = b.scene
-    outer = scene.half_width + PARKING_WIDTH + scene.sidewalk[side]   # behind the widest curb line
-    away = 0.0 if sign > 0 else np.pi       # yaw turning a building's +y (its depth) away from the road
-    kind = rng.choice(["buildings", "yard", "park"], p=[0.25, 0.35, 0.4])
-    if kind == "buildings":
-        setback = outer + (rng.uniform(0.5, 6.0) if rng.random() < 0.6 else 0.0)
-        _row_of_buildings(b, rng, side, sign, setback, away, level)
-        if setback > outer + 2:
-            if rng.random() < 0.5:
-                _along(b, rng, side, lambda n: objects.hedge(rng, n), sign * (outer + 0.7), level)
-            _scatter(b, rng, side, sign, outer + 0.8, setback - 0.8, level, trees=rng.integers(0, 2),
-                     bushes=rng.integers(1, 6))
-    elif kind == "yard":
-        line = outer + rng.uniform(0.3, 2.0)
-        barrier = objects.fence if rng.random() < 0.4 else objects.hedge
-        _along(b, rng, side, lambda n: barrier(rng, n), sign * line, level)
-        _scatter(b, rng, side, sign, line + 1.5, line + 14, level, trees=rng.integers(0, 4),
-                 bushes=rng.integers(1, 6))
-        if rng.random() < 0.6:
-            length = rng.uniform(9, 16)
-            xl = rng.uniform(0, L - length)
-            if b.free(side, xl, xl + length):
-                b.put(objects.building(rng, length, rng.uniform(8, 12)), xl + length / 2,
-                      sign * (line + rng.uniform(6, 12)), level, away)
-    else:
-        if rng.random() < 0.5:
-            _along(b, rng, side, lambda n: objects.hedge(rng, n), sign * (outer + 0.9), level)
-        _scatter(b, rng, side, sign, outer + 1.5, outer + 25, level, trees=rng.integers(4, 10),
-                 bushes=rng.integers(3, 9))
-    _scatter(b, rng, side, sign, 22.0, 60.0, level, trees=rng.integers(3, 9), bushes=0, crown=(3.0, 5.5))
-    if rng.random() < 0.6:
-        length = rng.uniform(15, 35)
-        b.put(objects.building(rng, length, rng.uniform(10, 20)), rng.uniform(0, L), sign * rng.uniform(40, 70),
-              level, away)
-
-
-def _row_of_buildings(b: _Builder, rng, side: int, sign: float, setback: float, away: float, level: float) -> None:
-    """Façades along the street with gaps between some of them."""
-    xl = rng.uniform(0, 4)
-    while xl < L - 6:
-        length = min(rng.uniform(8, 26), L - xl)
-        if b.free(side, xl, xl + length):
-            b.put(objects.building(rng, length, rng.uniform(8, 16)), xl + length / 2, sign * setback, level, away)
-        xl += length + (rng.uniform(2, 8) if rng.random() < 0.5 else 0.0)
-
-
-def _along(b: _Builder, rng, side: int, make, d: float, level: float) -> None:
-    """Segments of a fence or hedge along the block, broken by gates and side streets."""
-    xl = rng.uniform(0, 2)
-    while xl < L - 3:
-        length = min(rng.uniform(6, 20), L - xl)
-        if b.free(side, xl, xl + length):
-            b.put(make(length), xl + length / 2, d, level, 0.0)
-        xl += length + rng.uniform(1, 4)
-
-
-def _scatter(b: _Builder, rng, side: int, sign: float, a0: float, a1: float, level: float, *, trees: int, bushes: int,
-             crown: tuple[float, float] | None = None) -> None:
-    for _ in range(trees):
-        xl = rng.uniform(0, L)
-        if b.free(side, xl - 3, xl + 3):
-            radius = rng.uniform(*crown) if crown else None
-            b.put(objects.tree(rng, crown=radius), xl, sign * rng.uniform(a0, a1), level, 0.0)
-    for _ in range(bushes):
-        xl = rng.uniform(0, L)
-        if b.free(side, xl - 1.5, xl + 1.5):
-            b.put(objects.bush(rng), xl, sign * rng.uniform(a0, a1), level, 0.0)
-
-
-def _traffic(b: _Builder, rng) -> None:
-    scene = b.scene
-    lanes, width = scene.lanes, scene.lane_width
+    lanes, busy = scene.lanes, scene.style.traffic
+    for _ in range(rng.poisson(0.5 * busy)):
+        _, obj = b.vehicle(rng, DRIVING, moving=True)
+        b.move(obj, rng.uniform(0, L), scene.lane_d(int(rng.integers(lanes)), True), 0.0, np.pi, -rng.uniform(8, 14))
+    for heavy, p in (("truck", 0.15), ("bus", 0.04), ("caravan", 0.06)):
+        if rng.random() < p:
+            obj = getattr(objects, heavy)(rng, MOVING[VEHICLE_LABEL[heavy]], b.instance())
+            b.move(obj, rng.uniform(0, L), scene.lane_d(int(rng.integers(lanes)), True), 0.0, np.pi,
+                   -rng.uniform(8, 12))
+    if lanes == 2 and rng.random() < 0.4 * busy:
+        other = scene.lane_d(1, False) if scene.ego_d > scene.lane_d(1, False) else scene.lane_d(0, False)
+        _, obj = b.vehicle(rng, DRIVING, moving=True)
+        b.move(obj, rng.uniform(0, L), other, 0.0, 0.0, scene.v0 + rng.uniform(5, 8))
+    if rng.random() < 0.5:
+        # Our way at the curb where we drive in the inner lane, else on the sidewalk or coming toward us.
+        rider = objects.bicyclist(rng, MOVING[BICYCLIST], b.instance())
+        if lanes == 2 and scene.ego_d > scene.lane_d(1, False):
+            b.move(rider, rng.uniform(0, L), -(scene.half_width - 0.4), 0.0, 0.0, rng.uniform(4, 6))
+        elif rng.random() < 0.6:
+            d = scene.half_width + PARKING_WIDTH + scene.lawn[0] + 0.7
+            b.move(rider, rng.uniform(0, L), -d, CURB_HEIGHT, 0.0, rng.uniform(4, 6))
+        else:
+            b.move(rider, rng.uniform(0, L), scene.half_width - 0.4, 0.0, np.pi, -rng.uniform(4, 6))
     if rng.random() < 0.7:
-        kind = rng.choice(["car", "truck", "bus"], p=[0.85, 0.1, 0.05])
-        label = MOVING[{"car": CAR, "truck": TRUCK, "bus": OTHER_VEHICLE}[kind]]
-        d = width * (rng.integers(lanes) + 0.5)
-        b.move(getattr(objects, kind)(rng, label, b.instance()), rng.uniform(0, L), d, 0.0, np.pi,
-               -rng.uniform(8, 14))
-    if lanes == 2 and rng.random() < 0.4:
-        other = -width * (0.5 if scene.ego_d < -width else 1.5)
-        b.move(objects.car(rng, MOVING[CAR], b.instance()), rng.uniform(0, L), other, 0.0, 0.0,
-               scene.v0 + rng.uniform(5, 8))
-    if rng.random() < 0.15:
-        b.move(objects.bicyclist(rng, MOVING[BICYCLIST], b.instance()), rng.uniform(0, L),
-               -(scene.half_width - 0.35), 0.0, 0.0, rng.uniform(4, 6))
+        rider = objects.motorcycle(rng, MOVING[MOTORCYCLIST], b.instance(), rider=True)
+        if lanes == 1 or rng.random() < 0.6:
+            b.move(rider, rng.uniform(0, L), scene.lane_d(int(rng.integers(lanes)), True), 0.0, np.pi,
+                   -rng.uniform(7, 13))
+        else:      # overtaking us in the other lane of our direction
+            other = scene.lane_d(1, False) if scene.ego_d > scene.lane_d(1, False) else scene.lane_d(0, False)
+            b.move(rider, rng.uniform(0, L), other, 0.0, 0.0, scene.v0 + rng.uniform(5, 9))
     for side, sign in ((0, -1.0), (1, 1.0)):
         if rng.random() < 0.5:
             curb = scene.half_width + PARKING_WIDTH
             speed = rng.choice([-1.0, 1.0]) * rng.uniform(1.1, 1.6)
             b.move(objects.person(rng, MOVING[PERSON], b.instance()), rng.uniform(0, L),
-                   sign * rng.uniform(curb + 0.5, curb + scene.sidewalk[side] - 0.3), CURB_HEIGHT,
+                   sign * (curb + scene.lawn[side] + rng.uniform(0.3, scene.sidewalk[side] - 0.3)), CURB_HEIGHT,
                    0.0 if speed > 0 else np.pi, speed)
