@@ -66,6 +66,7 @@ def test_each_stage_plans_what_is_left_and_is_done_after_running(compose_cfg, ti
     assert plan_step("preprocess", cfg).todo == ["task 1: sequence 08, frames 0-2"]
 
 
+@pytest.mark.slow  # a fresh interpreter: ~6 s
 def test_a_dry_run_prints_every_steps_plan_and_does_nothing(tiny_pipeline, tmp_path):
     done = subprocess.run([sys.executable, "-m", "scalept.launch", "dry_run=true", *tiny_pipeline,
                            f"hydra.run.dir={tmp_path / 'hydra'}"], capture_output=True, text=True, timeout=120)
