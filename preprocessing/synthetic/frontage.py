@@ -6,22 +6,16 @@ façades and an open-country road with terrain, guard rails and far trees.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from . import objects
+from .builder import Builder
 from .primitives import BICYCLIST, MOTORCYCLIST, PERSON
 from .road import BLOCK_LENGTH, CURB_HEIGHT, PARKING_WIDTH
 
-if TYPE_CHECKING:
-    from .street import Builder
-
 L = BLOCK_LENGTH
 LOT = {"car": 0.85, "van": 0.08, "motorcycle": 0.04, "caravan": 0.03}
-OTHER_HEAVY = {"trailer": 0.55, "caravan": 0.3, "bus": 0.15}
-HEAVY = {"truck": 1.0, **OTHER_HEAVY}
-"""Odds of the vehicle kinds, heavy ones weighted further by the street's style (Builder.vehicle)."""
+"""Odds of the vehicle kinds in a parking lot (heavy ones weighted further by the street's style)."""
 
 
 def build_frontage(b: Builder, rng, side: int, sign: float, level: float, verge: float) -> None:
