@@ -374,12 +374,12 @@ def plan(cfg: DictConfig) -> Plan:
                     [str(out_dir)])
     tile_files = {s: TileFile(p) for s, p in paths.items()}
     chunks = plan_chunks({s: f.num_frames for s, f in tile_files.items()}, int(cfg.infer.frames_per_chunk))
+    todo = chunks
     checkpoint = checkpoint_file(cfg)
     if checkpoint.is_file():
         expect = _expected_shards(cfg, kind, passes, file_digest(checkpoint))
-        chunks = [c for c in chunks if usable_chunk_file(out_dir, c, tile_files[c.sequence], expect)[0] is None]
-    total = len(plan_chunks({s: f.num_frames for s, f in tile_files.items()}, int(cfg.infer.frames_per_chunk)))
-    return Plan("infer", total, [str(c) for c in chunks], [str(out_dir)])
+        todo = [c for c in chunks if usable_chunk_file(out_dir, c, tile_files[c.sequence], expect)[0] is None]
+    return Plan("infer", len(chunks), [str(c) for c in todo], [str(out_dir)])
 
 
 def _chunk_seed(seed: int, chunk: Chunk) -> int:

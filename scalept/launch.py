@@ -83,10 +83,11 @@ def run(cfg: DictConfig) -> None:
         plan = [(run_cfg, [s for s in run_steps if s != "fuse"]) for run_cfg, run_steps in plan]
     from scalept import distributed
 
-    if cfg.stage.name == "study" and distributed.resolve_env().rank == 0:
+    env = distributed.resolve_env()
+    if cfg.stage.name == "study" and env.rank == 0:
         log.info("study: %d runs; index %s (python -m scalept.analysis %s compares them)", len(plan),
                  study.write_index(cfg, plan), cfg.run_dir)
-    if (job.num_tasks if job is not None else distributed.resolve_env().world_size) == 1:
+    if (job.num_tasks if job is not None else env.world_size) == 1:
         for run_cfg, run_steps in plan:
             for step in run_steps:
                 run_step(step, run_cfg)

@@ -14,6 +14,7 @@ executes like any stage's steps, so every run skips what is done and a killed st
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -67,6 +68,17 @@ def _fusion(cfg: DictConfig, name: str) -> DictConfig:
     return fusion
 
 
+def _evaluation(cfg: DictConfig, trained: Path, fraction: float, sampling: str, fusion: str,
+                tta: bool) -> DictConfig:
+    """One evaluation's config: the training's last.pt on ``sampling`` tiles of the val split."""
+    return _variant(cfg, sampling=_sampling(cfg, sampling, "stage.samplings"), fusion=_fusion(cfg, fusion),
+                    run_dir=str(trained / "eval" / sampling), **{
+                        "infer.checkpoint": str(trained / "checkpoints" / "last.pt"),
+                        "infer.tta.rotations": list(cfg.stage.tta_rotations) if tta else [0],
+                        "infer.tta.flip": False, "preprocess.splits": list(cfg.infer.splits),
+                        "train.label_fraction": fraction})  # the training these weights come from
+
+
 def runs(cfg: DictConfig) -> list[tuple[DictConfig, list[str]]]:
     """Every (config, steps) of the study, in order: synth, then per label fraction a training and its
     evaluations. Each config is checked here, before any work."""
@@ -77,17 +89,8 @@ def runs(cfg: DictConfig) -> list[tuple[DictConfig, list[str]]]:
         plan.append((_variant(cfg, sampling=_sampling(cfg, stage.train_sampling, "stage.train_sampling"),
                               run_dir=str(trained), **{"train.label_fraction": fraction}), TRAIN_STEPS))
         for sampling in stage.samplings:
-            for fusion in stage.fusions:
-                for tta in stage.tta:
-                    evaluation = _variant(
-                        cfg, sampling=_sampling(cfg, sampling, "stage.samplings"),
-                        fusion=_fusion(cfg, fusion),
-                        run_dir=str(trained / "eval" / sampling), **{
-                            "infer.checkpoint": str(trained / "checkpoints" / "last.pt"),
-                            "infer.tta.rotations": list(stage.tta_rotations) if tta else [0],
-                            "infer.tta.flip": False, "preprocess.splits": list(cfg.infer.splits),
-                            "train.label_fraction": fraction})  # the training these weights come from
-                    plan.append((evaluation, EVAL_STEPS))
+            for fusion, tta in itertools.product(stage.fusions, stage.tta):  # each preprocess after the first: a check
+                plan.append((_evaluation(cfg, trained, fraction, sampling, fusion, tta), EVAL_STEPS))
     for run_cfg, _ in plan:
         check_config(run_cfg)
     return plan
