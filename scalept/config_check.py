@@ -91,6 +91,7 @@ RULES: dict[str, Rule] = {
     "train.augmentation.rotate_z": FLAG, "train.augmentation.scale": SCALE_RANGE,
     "train.augmentation.flip_p": PROBABILITY, "train.augmentation.jitter_sigma": NON_NEGATIVE,
     "train.augmentation.jitter_clip": NON_NEGATIVE, "train.lovasz_weight": NON_NEGATIVE,
+    "train.bn_recalibration_batches": NON_NEGATIVE_INT,
     "train.resume": (lambda v: str(v).lower() in ("auto", "true", "false"), "auto, true or false"),
     "train.stop_at_step": optional(COUNT), "train.checkpoint_every_min": optional(POSITIVE),
     "optim.lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.block_lr_scale": NON_NEGATIVE,

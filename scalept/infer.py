@@ -312,9 +312,9 @@ def _predict(cfg: DictConfig, rank: int, world_size: int) -> dict:
     remove_stale_temporaries(out_dir)
     sequences = predicted_sequences(cfg)
     device = dist_device(str(cfg.infer.device), "infer.device")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     model, grid_size, digest = load_model(cfg, device)  # one-line error if missing or of another config
+    if device.type == "cuda":  # after the weights are on the device: CUDA is initialised, the peak counts them
+        torch.cuda.reset_peak_memory_stats(device)
     paths = [tile_file_path(cfg.tiles_dir, cfg.sampling.name, s) for s in sequences]
     tile_files = dict(zip(sequences, open_checked(paths, cfg)))  # one line if missing or tiled otherwise
     chunks = plan_chunks({s: tile_files[s].num_frames for s in sequences}, int(cfg.infer.frames_per_chunk))

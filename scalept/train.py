@@ -66,6 +66,7 @@ from scalept.losses import segmentation_loss  # looked up here at every step: te
 from scalept.metrics import mean_iou
 from scalept.plan import Plan
 from scalept.model import build_model
+from scalept.training.bn_recalibration import recalibrate_batch_norms
 from scalept.training.data import build_train_data, frame_subset, label_fraction_tiles, to_device, validate
 from scalept.training.optim import build_optimizer, param_groups, scaled_lr
 from scalept.training.reporting import (Reporter, StepLog, confusion_figure, param_digest, peak_gpu_mem_gb,
@@ -89,18 +90,21 @@ ALLOC_CONF = "expandable_segments:True"
 ANOTHER_RANK = "another rank's signal"  # why a rank that caught no signal itself stops
 
 
-def run(cfg: DictConfig, step_hook: Callable[[int], None] | None = None) -> dict:
+def run(cfg: DictConfig, step_hook: Callable[[int], None] | None = None,
+        model_hook: Callable[[torch.nn.Module], None] | None = None) -> dict:
     """Train (or resume, or skip a finished run); returns the metrics also written to train_metrics.json.
 
     The returned dict adds ``step_losses``: [(step, loss), ...] of the steps this call ran
     (the rank-averaged loss of each optimizer step), ``param_digest`` (a hash of the
     parameters, equal on every rank) and ``windows``, the (steps, voxels, seconds, end time)
     of every logging window. Every rank returns it; only rank 0 writes files.
-    ``step_hook(step)``, if given, runs after every optimizer step (profilers, benchmarks).
+    ``step_hook(step)``, if given, runs after every optimizer step (profilers, benchmarks);
+    ``model_hook(model)`` runs once with the model as trained, DDP-wrapped when the world has
+    more than one rank, before the first step (e.g. to register a DDP communication hook).
     """
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOC_CONF)  # before CUDA starts; the user's value wins
     with dist_env.session() as env:  # the launcher's group when it runs a job's steps, else one of its own
-        return _train(cfg, env, step_hook)
+        return _train(cfg, env, step_hook, model_hook)
 
 
 def plan(cfg: DictConfig) -> Plan:
@@ -137,7 +141,8 @@ def _model_config(cfg: DictConfig) -> dict:
     return model_cfg
 
 
-def _train(cfg: DictConfig, env: dist_env.DistEnv, step_hook: Callable[[int], None] | None = None) -> dict:
+def _train(cfg: DictConfig, env: dist_env.DistEnv, step_hook: Callable[[int], None] | None = None,
+           model_hook: Callable[[torch.nn.Module], None] | None = None) -> dict:
     last_path = checkpoint_path(Path(cfg.run_dir), "last")
     if env.is_main:
         remove_stale_temporaries(last_path.parent)
@@ -145,7 +150,7 @@ def _train(cfg: DictConfig, env: dist_env.DistEnv, step_hook: Callable[[int], No
     if state is not None and state.get("finished"):
         log.info("train: %s says training finished (step %d); nothing to do", last_path, state["step"])
         return {**read_train_metrics(Path(cfg.run_dir)), "step_losses": [], "preempted": False, "skipped": True}
-    trainer = Trainer(cfg, env, state, step_hook)
+    trainer = Trainer(cfg, env, state, step_hook, model_hook)
     try:
         preempted = trainer.fit()
     except BaseException:
@@ -164,7 +169,8 @@ class Trainer:
     """
 
     def __init__(self, cfg: DictConfig, env: dist_env.DistEnv, state: dict | None,
-                 step_hook: Callable[[int], None] | None = None):
+                 step_hook: Callable[[int], None] | None = None,
+                 model_hook: Callable[[torch.nn.Module], None] | None = None):
         self.started = time.perf_counter()
         self.cfg, self.env, self.step_hook = cfg, env, step_hook
         self.device = device = dist_env.device()
@@ -188,6 +194,8 @@ class Trainer:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         self.model = model
+        if model_hook is not None:
+            model_hook(model)
         self.use_amp = bool(cfg.train.amp) and device.type == "cuda"
         self.lovasz_weight = float(cfg.train.lovasz_weight)
         self.stop = StopFlag().install()
@@ -302,6 +310,8 @@ class Trainer:
 
     def end_epoch(self) -> None:
         """Validation when due (best.pt on a new best), then ``last.pt``."""
+        if self.done:
+            self.recalibrate_batch_norms()
         val_every = int(self.cfg.train.val_every)
         has_val = len(self.cfg.dataset.splits.get("val", [])) > 0
         if has_val and val_every > 0 and (self.epoch % val_every == 0 or self.done):
@@ -316,6 +326,17 @@ class Trainer:
         self.checkpointer.save(self.last_path, self.epoch, 0, self.step, self.best_miou, finished=self.done)
         self.last_save = time.perf_counter()
         self.steps_log.restart_clock()  # throughput counts training, not validation or saving
+
+    def recalibrate_batch_norms(self) -> None:
+        """BatchNorm statistics of the final weights with drop-path off (:mod:`.training.bn_recalibration`),
+        before the last validation and the finished ``last.pt``."""
+        wanted = int(self.cfg.train.bn_recalibration_batches)
+        batches = self.data.batches
+        batches.set_epoch(self.epoch)
+        batches.skip = 0
+        used = recalibrate_batch_norms(unwrap(self.model), self.data.loader, self.device, wanted, self.autocast)
+        if self.env.is_main and used:
+            log.info("train: BatchNorm statistics re-estimated on %d micro-batches per rank with drop-path off", used)
 
     def finish(self, preempted: bool) -> dict:
         """Metrics (written by rank 0), then the end a stop asks for: re-raise its signal or raise."""

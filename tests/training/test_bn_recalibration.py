@@ -1,0 +1,128 @@
+"""BatchNorm statistics re-estimated with the final weights, drop-path off (scalept/training/bn_recalibration.py)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scalept.model import build_model
+from scalept.training.bn_recalibration import batch_norms, recalibrate_batch_norms
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _batches(count: int, seed: int = 0, points: int = 3000) -> list[dict]:
+    """Random clouds of distinct 0.2 m cells (one sample each), as the training loader yields them."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        grid = torch.unique(torch.randint(0, 60, (2 * points, 3), generator=g), dim=0)[:points]
+        grid = grid[torch.randperm(len(grid), generator=g)]
+        feat = torch.cat([grid * 0.2, torch.rand(len(grid), 1, generator=g)], 1).float()
+        out.append({"feat": feat, "grid": grid.int(), "offsets": torch.tensor([len(grid)])})
+    return out
+
+
+@pytest.fixture
+def model(compose_cfg):
+    torch.manual_seed(0)
+    return build_model(compose_cfg("model=ptv3_tiny", "model.drop_path=0.5").model, 5)
+
+
+def _stats(model) -> list[torch.Tensor]:
+    return [t.clone() for m in batch_norms(model) for t in (m.running_mean, m.running_var)]
+
+
+def test_the_statistics_become_the_average_of_the_batches_seen_in_eval_mode(model):
+    """The stem's running mean is the plain mean of what reached it in each batch, drop-path off:
+    two recalibrations on the same batches give the same statistics (a drop-path draw would not)."""
+    batches = _batches(3)
+    stem = model.stem_norm[0]
+    seen = []
+    hook = stem.register_forward_hook(lambda m, args, out: seen.append(args[0].float().mean(0)))
+    model.train()
+    used = recalibrate_batch_norms(model, batches, torch.device("cpu"), max_batches=8)
+    hook.remove()
+    assert used == 3 and len(seen) == 3
+    torch.testing.assert_close(stem.running_mean, torch.stack(seen).mean(0))
+    first = _stats(model)
+    recalibrate_batch_norms(model, batches, torch.device("cpu"), max_batches=8)
+    for a, b in zip(first, _stats(model)):
+        torch.testing.assert_close(a, b)
+    assert model.training  # the mode it had, and the momentum it had
+    assert all(m.momentum == pytest.approx(0.01) for m in batch_norms(model))
+
+
+def test_weights_stay_and_only_max_batches_are_used(model):
+    weights = {k: v.clone() for k, v in model.named_parameters()}
+    before = _stats(model)
+    assert recalibrate_batch_norms(model, _batches(4), torch.device("cpu"), max_batches=2) == 2
+    assert all(torch.equal(weights[k], v) for k, v in model.named_parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, _stats(model)))
+
+
+def test_zero_batches_keep_the_training_statistics(model):
+    for m in batch_norms(model):
+        m.running_mean.fill_(0.3)
+    before = _stats(model)
+    assert recalibrate_batch_norms(model, _batches(2), torch.device("cpu"), max_batches=0) == 0
+    assert recalibrate_batch_norms(model, [], torch.device("cpu"), max_batches=4) == 0
+    for a, b in zip(before, _stats(model)):
+        assert torch.equal(a, b)
+
+
+RANKS_SCRIPT = """
+import json, sys
+sys.path.insert(0, {here!r})
+import torch
+torch.set_num_threads(1)
+from scalept import distributed
+from scalept.model import build_model
+from scalept.training.bn_recalibration import recalibrate_batch_norms
+from test_bn_recalibration import _batches
+from tests.conftest import compose_config
+with distributed.session("gloo") as env:
+    torch.manual_seed(0)
+    model = build_model(compose_config("model=ptv3_tiny").model, 5)
+    batches = _batches(2, seed=env.rank) if env.rank == 0 else []  # rank 1 has no batch
+    used = recalibrate_batch_norms(model, batches, torch.device("cpu"), max_batches=4)
+    print("RESULT " + json.dumps({{"rank": env.rank, "used": used,
+                                   "mean": model.stem_norm[0].running_mean.tolist()}}), flush=True)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ranks_end_with_the_same_statistics_averaged_over_the_ranks_that_had_batches(compose_cfg):
+    """Rank 1 saw no batch: both ranks end with rank 0's statistics, not half of them."""
+    script = RANKS_SCRIPT.format(here=str(Path(__file__).parent))
+    port, procs = _free_port(), []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+        procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-3000:]
+        results.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:]))
+    results.sort(key=lambda r: r["rank"])
+    assert [r["used"] for r in results] == [2, 0]
+    torch.manual_seed(0)
+    alone = build_model(compose_cfg("model=ptv3_tiny").model, 5)
+    recalibrate_batch_norms(alone, _batches(2, seed=0), torch.device("cpu"), max_batches=4)
+    for r in results:
+        torch.testing.assert_close(torch.tensor(r["mean"]), alone.stem_norm[0].running_mean)
