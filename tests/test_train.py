@@ -283,6 +283,18 @@ def test_progress_lines_carry_the_total_and_an_eta(data_dir, tmp_path, caplog):
     assert lines[-1].endswith("ETA 0m00s")
 
 
+def test_model_hook_sees_the_trained_model_once_before_the_first_step(data_dir, tmp_path):
+    """``model_hook`` gets the model the steps train (a plain module on one process; DDP-wrapped on
+    several, as the 2-rank run of tests/benchmarks/test_scaling.py checks), before any step."""
+    events = []
+    cfg = compose_tiny(data_dir, tmp_path, "train.max_steps=2", "train.val_every=0")
+    result = train.run(cfg, step_hook=lambda step: events.append(step), model_hook=events.append)
+    model = events[0]
+    assert isinstance(model, torch.nn.Module) and not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    assert events[1:] == [1, 2]
+    assert result["param_digest"] == train.param_digest(model)  # the very module that was trained
+
+
 def test_the_full_model_on_a_cpu_is_announced_with_an_estimate(caplog):
     from omegaconf import OmegaConf
 
