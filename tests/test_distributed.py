@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from gloo_ranks import free_port, run_ranks
+from tiny_training import make_tiny_data
 
 from scalept import distributed
 from scalept.distributed import DistEnv, resolve_env
 from scalept.errors import ConfigError
-from tiny_training import make_tiny_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,30 +101,11 @@ print("RESULT " + json.dumps({{"rank": distributed.get_env().rank, "world": resu
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_rank_gloo_training_keeps_replicas_identical(tmp_path_factory, tmp_path):
     data = make_tiny_data(tmp_path_factory.getbasetemp() / "tiny-data")  # shared with test_train
     run_dir = tmp_path / "run"
-    script = RANK_SCRIPT.format(tests=str(ROOT / "tests"), data=str(data), run_dir=str(run_dir))
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-        procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outputs = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 0, out[-3000:]
-        outputs.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:]))
+    outputs = run_ranks(RANK_SCRIPT.format(tests=str(ROOT / "tests"), data=str(data), run_dir=str(run_dir)))
     assert sorted(o["rank"] for o in outputs) == [0, 1]
     assert all(o["world"] == 2 for o in outputs)
     assert outputs[0]["digest"] == outputs[1]["digest"]  # gradients were averaged: same parameters
@@ -170,7 +152,7 @@ def _listening(port: int) -> set[str]:
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the listening sockets from /proc/net/tcp")
 def test_two_gloo_ranks_rendezvous_on_the_master_address_only():
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
     env.update(SLURM_STEP_NUM_TASKS="2", SCALEPT_MASTER_ADDR="127.0.0.1", SCALEPT_MASTER_PORT=str(port),
                OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -203,7 +185,7 @@ def _rank0(monkeypatch, addr: str, port: int) -> None:
 
 
 def test_a_master_address_not_on_rank_0s_node_is_one_line(monkeypatch):
-    port = _free_port()
+    port = free_port()
     _rank0(monkeypatch, "192.0.2.1", port)  # TEST-NET-1: never an address of this machine
     started = time.monotonic()
     with pytest.raises(ConfigError) as raised:
@@ -225,7 +207,7 @@ def test_a_busy_master_port_is_one_line(monkeypatch):
 
 
 def test_an_unknown_master_host_is_one_line(monkeypatch):
-    _rank0(monkeypatch, "no-such-host.invalid", _free_port())
+    _rank0(monkeypatch, "no-such-host.invalid", free_port())
     with pytest.raises(ConfigError, match=r"^master address no-such-host.invalid:\d+ does not resolve"):
         distributed.init("gloo", timeout_s=60)
 

@@ -1,20 +1,14 @@
 """BatchNorm statistics re-estimated with the final weights, drop-path off (scalept/training/bn_recalibration.py)."""
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from gloo_ranks import run_ranks
 
 from scalept.model import build_model
 from scalept.training.bn_recalibration import batch_norms, recalibrate_batch_norms
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _batches(count: int, seed: int = 0, points: int = 3000) -> list[dict]:
@@ -79,14 +73,14 @@ def test_zero_batches_keep_the_training_statistics(model):
 
 RANKS_SCRIPT = """
 import json, sys
-sys.path.insert(0, {here!r})
+sys.path[:0] = [{here!r}, {tests!r}]
 import torch
 torch.set_num_threads(1)
 from scalept import distributed
 from scalept.model import build_model
 from scalept.training.bn_recalibration import recalibrate_batch_norms
 from test_bn_recalibration import _batches
-from tests.conftest import compose_config
+from conftest import compose_config
 with distributed.session("gloo") as env:
     torch.manual_seed(0)
     model = build_model(compose_config("model=ptv3_tiny").model, 5)
@@ -97,28 +91,10 @@ with distributed.session("gloo") as env:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ranks_end_with_the_same_statistics_averaged_over_the_ranks_that_had_batches(compose_cfg):
     """Rank 1 saw no batch: both ranks end with rank 0's statistics, not half of them."""
-    script = RANKS_SCRIPT.format(here=str(Path(__file__).parent))
-    port, procs = _free_port(), []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
-        procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    results = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, out[-3000:]
-        results.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:]))
+    results = run_ranks(RANKS_SCRIPT.format(here=str(Path(__file__).parent), tests=str(Path(__file__).parents[1])), timeout=120)
     results.sort(key=lambda r: r["rank"])
     assert [r["used"] for r in results] == [2, 0]
     torch.manual_seed(0)
