@@ -219,6 +219,8 @@ class Trainer:
     def fit(self) -> bool:
         """Every remaining epoch; True when a stop request ended the run early (``last.pt`` written)."""
         self.model.train()
+        if self.done:  # resumed from a stop at the last step: that epoch's end (BatchNorm, validation) is left
+            self.end_epoch()
         while not self.done:
             if self.train_epoch():
                 return True

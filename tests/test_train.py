@@ -309,3 +309,21 @@ def test_the_full_model_on_a_cpu_is_announced_with_an_estimate(caplog):
         train._warn_large_model_on_cpu(full, torch.device("cpu"), True, 300)
     assert len(caplog.records) == 1
     assert "46.2 M-parameter model on the CPU" in caplog.text and "300 steps take about 45 min" in caplog.text
+
+
+def test_a_run_stopped_at_its_last_step_finishes_when_rerun(data_dir, tmp_path):
+    """The stop comes before the epoch's end: the rerun does that end (BatchNorm statistics,
+    validation, a finished last.pt) instead of leaving the run 'to do' forever."""
+    from scalept.checkpoint import saved_progress
+
+    stopped = train.run(compose_tiny(data_dir, tmp_path, "train.max_steps=2", "train.stop_at_step=2"))
+    assert stopped["preempted"] and saved_progress(checkpoint_path(tmp_path, "last")) == {"step": 2, "finished": False}
+    before = load_checkpoint(checkpoint_path(tmp_path, "last"))["model"]
+    rerun = train.run(compose_tiny(data_dir, tmp_path, "train.max_steps=2"))
+    assert rerun["steps"] == 2 and rerun["step_losses"] == [] and rerun["best_val_miou"] is not None
+    assert saved_progress(checkpoint_path(tmp_path, "last")) == {"step": 2, "finished": True}
+    after = load_checkpoint(checkpoint_path(tmp_path, "last"))["model"]
+    stats = [k for k in after if k.endswith("running_var")]
+    assert stats and all(torch.equal(before[k], after[k]) for k in after if k not in stats and "running" not in k
+                         and not k.endswith("num_batches_tracked"))
+    assert any(not torch.equal(before[k], after[k]) for k in stats)  # re-estimated
