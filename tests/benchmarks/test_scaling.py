@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from scalept.benchmarks import scaling
+from scalept.benchmarks import scaling, scaling_rank
 
 # ptv3_tiny on tiles of at most 2,500 points, micro-batches of 4,500 voxels per rank
 TINY = ["dataset.synthetic.azimuth_steps=200", "sampling.max_points=2500", "sampling.overlap=500"]
@@ -114,7 +114,7 @@ def test_threads_per_rank_default_to_the_cores_of_the_largest_world(no_job, monk
 
 
 def test_allreduce_time_is_the_union_of_bucket_intervals_and_exposed_the_tail():
-    timer = scaling.AllreduceTimer()
+    timer = scaling_rank.AllreduceTimer()
     timer.current = [[10.000, 10.004], [10.002, 10.006], [10.010, 10.011]]  # seconds: buckets 1, 2 overlap
     timer.end_step(1)
     timer.end_step(2)  # a step without an all-reduce (accumulation) is left out
