@@ -313,7 +313,7 @@ class Trainer:
     def end_epoch(self) -> None:
         """Validation when due (best.pt on a new best), then ``last.pt``."""
         if self.done:
-            self.recalibrate_batch_norms()
+            self.end_of_training_batch_norms()
         val_every = int(self.cfg.train.val_every)
         has_val = len(self.cfg.dataset.splits.get("val", [])) > 0
         if has_val and val_every > 0 and (self.epoch % val_every == 0 or self.done):
@@ -329,7 +329,7 @@ class Trainer:
         self.last_save = time.perf_counter()
         self.steps_log.restart_clock()  # throughput counts training, not validation or saving
 
-    def recalibrate_batch_norms(self) -> None:
+    def end_of_training_batch_norms(self) -> None:
         """BatchNorm statistics of the final weights with drop-path off (:mod:`.training.bn_recalibration`),
         before the last validation and the finished ``last.pt``."""
         wanted = int(self.cfg.train.bn_recalibration_batches)

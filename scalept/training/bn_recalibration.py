@@ -65,7 +65,7 @@ def recalibrate_batch_norms(model: nn.Module, batches: Iterable[Mapping], device
         for m, (_, mean, var, tracked) in zip(norms, saved):
             m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(tracked)
         return 0
-    for m, (_, mean, var, _) in zip(norms, saved):
+    for m in norms:
         if used == 0:  # this rank had none: it contributes nothing to the sum
             m.running_mean.zero_(), m.running_var.zero_()
         m.running_mean.copy_(dist_env.all_reduce_sum(m.running_mean) / counted)
