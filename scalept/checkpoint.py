@@ -59,9 +59,13 @@ def model_record(model: torch.nn.Module, model_cfg: Mapping, class_names: Sequen
     """The part of every checkpoint that makes it self-describing: the weights, the model config they
     were built from, the classes and the grid, and the signature of the three."""
     model_cfg = _plain(model_cfg)
-    return {"model": model.state_dict(), "model_cfg": model_cfg, "num_classes": len(class_names),
-            "class_names": list(class_names), "grid_size": float(grid_size),
-            "signature": model_signature(model_cfg, len(class_names), float(grid_size))}
+    record = {"model": model.state_dict(), "model_cfg": model_cfg, "num_classes": len(class_names),
+              "class_names": list(class_names), "grid_size": float(grid_size),
+              "signature": model_signature(model_cfg, len(class_names), float(grid_size))}
+    stochastic_norm_stats = getattr(model, "stochastic_norm_stats", None)
+    if stochastic_norm_stats is not None:  # the BatchNorm statistics of Monte-Carlo passes (model/ptv3.py)
+        record["stochastic_norm_stats"] = stochastic_norm_stats
+    return record
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping) -> None:

@@ -65,7 +65,7 @@ from scalept.errors import ConfigError, TrainingInterrupted
 from scalept.losses import segmentation_loss  # looked up here at every step: tests wrap it
 from scalept.metrics import mean_iou
 from scalept.plan import Plan
-from scalept.model import build_model
+from scalept.model import build_model, norm_statistics
 from scalept.training.bn_recalibration import recalibrate_batch_norms
 from scalept.training.data import build_train_data, frame_subset, label_fraction_tiles, to_device, validate
 from scalept.training.optim import build_optimizer, param_groups, scaled_lr
@@ -330,15 +330,20 @@ class Trainer:
         self.steps_log.restart_clock()  # throughput counts training, not validation or saving
 
     def end_of_training_batch_norms(self) -> None:
-        """BatchNorm statistics of the final weights with drop-path off (:mod:`.training.bn_recalibration`),
-        before the last validation and the finished ``last.pt``."""
+        """BatchNorm statistics of the final weights (:mod:`.training.bn_recalibration`) before the
+        last validation and the finished ``last.pt``: first with drop-path on, kept for Monte-Carlo
+        passes, then with it off, the model's own."""
         wanted = int(self.cfg.train.bn_recalibration_batches)
-        batches = self.data.batches
-        batches.set_epoch(self.epoch)
-        batches.skip = 0
-        used = recalibrate_batch_norms(unwrap(self.model), self.data.loader, self.device, wanted, self.autocast)
+        model = unwrap(self.model)
+        for stochastic in (True, False):
+            self.data.batches.set_epoch(self.epoch)
+            self.data.batches.skip = 0
+            used = recalibrate_batch_norms(model, self.data.loader, self.device, wanted, self.autocast, stochastic)
+            if stochastic:
+                model.stochastic_norm_stats = norm_statistics(model) if used else None
         if self.env.is_main and used:
-            log.info("train: BatchNorm statistics re-estimated on %d micro-batches per rank with drop-path off", used)
+            log.info("train: BatchNorm statistics re-estimated on %d micro-batches per rank, with drop-path on "
+                     "(for Monte-Carlo passes) and off", used)
 
     def finish(self, preempted: bool) -> dict:
         """Metrics (written by rank 0), then the end a stop asks for: re-raise its signal or raise."""

@@ -176,6 +176,26 @@ def test_a_checkpoint_file_given_by_path_needs_nothing_else(block_tiles, tmp_pat
     assert summary["chunks_predicted"] == 1 and infer.plan(cfg).done
 
 
+def test_the_checkpoint_s_monte_carlo_norm_statistics_reach_the_loaded_model(block_tiles, tmp_path):
+    """Training saves BatchNorm statistics of drop-path on beside the weights; inference must load
+    them, or mc_uncertainty normalises its stochastic passes with the deterministic ones."""
+    from scalept.checkpoint import model_record, save_checkpoint
+    from scalept.model import norm_statistics
+
+    cfg = compose(*base_overrides(block_tiles), f"run_dir={tmp_path}", "fusion=mc_uncertainty")
+    saved = load_checkpoint(save_random_checkpoint(cfg))
+    model, _, _ = infer.load_model(cfg, torch.device("cpu"))
+    assert model.stochastic_norm_stats is None  # a checkpoint without them: the model's own statistics
+    model.stochastic_norm_stats = {k: (m + 0.5, v * 2.0) for k, (m, v) in norm_statistics(model).items()}
+    save_checkpoint(checkpoint_path(tmp_path, "best"), {**saved, **model_record(model, saved["model_cfg"],
+                                                        saved["class_names"], saved["grid_size"])})
+    loaded, _, _ = infer.load_model(cfg, torch.device("cpu"))
+    assert loaded.stochastic_norm_stats.keys() == model.stochastic_norm_stats.keys()
+    for name, (mean, var) in model.stochastic_norm_stats.items():
+        assert torch.equal(loaded.stochastic_norm_stats[name][0], mean)
+        assert torch.equal(loaded.stochastic_norm_stats[name][1], var)
+
+
 def test_a_checkpoint_without_its_description_is_refused_in_one_line(tmp_path):
     path = tmp_path / "bare.pt"
     torch.save({"model": {}, "signature": "{}"}, path)

@@ -327,3 +327,6 @@ def test_a_run_stopped_at_its_last_step_finishes_when_rerun(data_dir, tmp_path):
     assert stats and all(torch.equal(before[k], after[k]) for k in after if k not in stats and "running" not in k
                          and not k.endswith("num_batches_tracked"))
     assert any(not torch.equal(before[k], after[k]) for k in stats)  # re-estimated
+    mc_stats = load_checkpoint(checkpoint_path(tmp_path, "last"))["stochastic_norm_stats"]  # drop-path on
+    assert sorted(f"{name}.running_var" for name in mc_stats) == sorted(stats)
+    assert any(not torch.equal(mc_stats[k.removesuffix(".running_var")][1], after[k]) for k in stats)

@@ -22,6 +22,9 @@ def _rates(drop_path: float, depths: Sequence[int]) -> list[list[float]]:
     return [flat[bounds[i] : bounds[i + 1]] for i in range(len(depths))]
 
 
+NormStatistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
 class PTv3(nn.Module):
     """PTv3 segmentation network: ``model(feat, grid, offsets) -> logits``.
 
@@ -32,6 +35,10 @@ class PTv3(nn.Module):
     Encoder stage s > 0 starts by pooling 2x2x2 cells; the decoder walks back up
     with unpooling and blocks, and a linear head classifies every point.
     """
+
+    # BatchNorm running statistics that match drop-path on, by module name, for
+    # :func:`stochastic_inference` (set when training ends; saved in checkpoints beside the weights)
+    stochastic_norm_stats: NormStatistics | None = None
 
     def __init__(
         self,
@@ -139,14 +146,37 @@ class PTv3(nn.Module):
         return any(m.stochastic for m in self.modules() if isinstance(m, Stochastic))
 
 
+def norm_statistics(model: nn.Module) -> NormStatistics:
+    """A copy of every BatchNorm's running mean and variance, by module name."""
+    return {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def load_norm_statistics(model: nn.Module, stats: NormStatistics) -> None:
+    modules = dict(model.named_modules())
+    for name, (mean, var) in stats.items():
+        modules[name].running_mean.copy_(mean)
+        modules[name].running_var.copy_(var)
+
+
 @contextmanager
 def stochastic_inference(model: PTv3):
-    """Eval mode with drop-path/dropout on (Monte-Carlo passes), restoring the previous state."""
+    """Eval mode with drop-path/dropout on (Monte-Carlo passes), restoring the previous state.
+
+    BatchNorm uses ``model.stochastic_norm_stats`` meanwhile when the model has them: statistics
+    averaged with drop-path off make stochastic passes collapse (training/bn_recalibration.py).
+    """
     was_training, was_stochastic = model.training, model.stochastic
+    saved = None
+    if model.stochastic_norm_stats is not None:
+        saved = norm_statistics(model)
+        load_norm_statistics(model, model.stochastic_norm_stats)
     model.eval().set_stochastic(True)
     try:
         yield model
     finally:
+        if saved is not None:
+            load_norm_statistics(model, saved)
         model.train(was_training).set_stochastic(was_stochastic)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scalept.model import build_model, stochastic_inference
+from scalept.model import build_model, norm_statistics, stochastic_inference
 
 
 def test_full_model_has_46_2m_parameters(compose_model):
@@ -103,6 +103,25 @@ def test_mc_switch(make_model, cloud, batch_of):
             assert not model.training
             first, second = model(*batch), model(*batch)
         assert not torch.allclose(first, second)
+        torch.testing.assert_close(model(*batch), ref, atol=0, rtol=0)
+
+
+def test_mc_passes_use_the_stochastic_norm_statistics_and_restore_the_others(make_model, cloud, batch_of):
+    """stochastic_inference swaps in ``stochastic_norm_stats`` (statistics of drop-path on) for its
+    passes only; deterministic passes keep the model's own."""
+    model = make_model().eval()
+    batch = batch_of(cloud(1000, 15))
+    own = norm_statistics(model)
+    model.stochastic_norm_stats = {name: (mean + 1.0, var * 4.0) for name, (mean, var) in own.items()}
+    with torch.no_grad():
+        ref = model(*batch)
+        with stochastic_inference(model):
+            inside = norm_statistics(model)
+        for name, (mean, var) in model.stochastic_norm_stats.items():
+            torch.testing.assert_close(inside[name][0], mean)
+            torch.testing.assert_close(inside[name][1], var)
+        for name, (mean, var) in norm_statistics(model).items():
+            assert torch.equal(mean, own[name][0]) and torch.equal(var, own[name][1])
         torch.testing.assert_close(model(*batch), ref, atol=0, rtol=0)
 
 

@@ -71,6 +71,23 @@ def test_zero_batches_keep_the_training_statistics(model):
         assert torch.equal(a, b)
 
 
+def test_stochastic_statistics_average_passes_with_drop_path_on(model):
+    """With ``stochastic`` every forward draws drop-path (0.5 here), so the statistics after the
+    first pooling depend on the draw, unlike drop-path-off ones; mode and switch are restored."""
+    batches = _batches(2)
+    pool_norm = [m for m in batch_norms(model) if m is not model.stem_norm[0]]
+    recalibrate_batch_norms(model, batches, torch.device("cpu"), max_batches=2)
+    deterministic = _stats(model)
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        recalibrate_batch_norms(model, batches, torch.device("cpu"), max_batches=2, stochastic=True)
+        draws.append([t.clone() for m in pool_norm for t in (m.running_mean, m.running_var)])
+    assert any(not torch.allclose(a, b) for a, b in zip(*draws))
+    assert any(not torch.allclose(a, b) for a, b in zip(deterministic, _stats(model)))
+    assert model.training and not model.stochastic
+
+
 RANKS_SCRIPT = """
 import json, sys
 sys.path[:0] = [{here!r}, {tests!r}]
