@@ -339,8 +339,8 @@ class Trainer:
             self.data.batches.set_epoch(self.epoch)
             self.data.batches.skip = 0
             used = recalibrate_batch_norms(model, self.data.loader, self.device, wanted, self.autocast, stochastic)
-            if stochastic:
-                model.stochastic_norm_stats = norm_statistics(model) if used else None
+            if stochastic:  # the same on every rank, whether or not this one had batches
+                model.stochastic_norm_stats = norm_statistics(model) if wanted > 0 else None
         if self.env.is_main and used:
             log.info("train: BatchNorm statistics re-estimated on %d micro-batches per rank, with drop-path on "
                      "(for Monte-Carlo passes) and off", used)
