@@ -13,5 +13,9 @@ class TrainingInterrupted(ScalePTError, RuntimeError):
     """Training stopped on a signal after writing last.pt; rerunning the same command resumes it."""
 
 
+class TrainingDiverged(ScalePTError, RuntimeError):
+    """The loss stopped being a finite number; no checkpoint was written after it did."""
+
+
 class DiskFullError(ScalePTError, OSError):
     """A write found no space left; nothing half-written is kept, finished work stays."""

@@ -286,7 +286,9 @@ class Trainer:
         every = self.cfg.train.get("checkpoint_every_min")
         if every is None or time.perf_counter() - self.last_save < 60.0 * float(every):
             return
-        if self.env.is_main:
+        # rank 0 alone, so no collective: weights whose loss diverged are not saved, and the next
+        # flush (every rank, at log_every or the epoch's end) raises TrainingDiverged
+        if self.env.is_main and self.steps_log.pending_finite():
             started = time.perf_counter()
             self.checkpointer.save(self.last_path, self.epoch, micro, self.step, self.best_miou)
             self.steps_log.exclude(time.perf_counter() - started)  # throughput counts training, not saving

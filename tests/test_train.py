@@ -156,6 +156,30 @@ def test_a_crash_mid_epoch_resumes_from_the_periodic_checkpoint(data_dir, tmp_pa
     assert resumed["param_digest"] == reference["param_digest"]
 
 
+def test_a_diverged_loss_stops_training_in_one_line_before_any_checkpoint_holds_it(data_dir, tmp_path,
+                                                                                      monkeypatch):
+    """A nan loss from step 3 on (as when the lr is too high): the run must fail, not train to the
+    end and exit 0 with nan weights, and last.pt must stay at the last finite step."""
+    from scalept.errors import TrainingDiverged
+
+    loss_fn, calls = train.segmentation_loss, {"n": 0}
+
+    def diverging(*args, **kwargs):
+        calls["n"] += 1
+        loss, parts = loss_fn(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] >= 3 else loss), parts
+
+    monkeypatch.setattr(train, "segmentation_loss", diverging)
+    with pytest.raises(TrainingDiverged) as err:  # a save is due after every step, a flush at the epoch's end
+        train.run(compose_tiny(data_dir, tmp_path, *RESUME, "train.checkpoint_every_min=1e-9", "train.log_every=100"))
+    message = str(err.value)
+    assert "nan at step 3" in message and "optim.lr" in message and "\n" not in message
+    state = load_checkpoint(checkpoint_path(tmp_path, "last"))
+    assert state["step"] == 2 and not state["finished"]
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert not (tmp_path / "train_metrics.json").exists()
+
+
 def test_checkpoint_of_another_model_is_refused_in_one_line(data_dir, uninterrupted):
     run_dir, _ = uninterrupted
     cfg = compose_tiny(data_dir, run_dir, *RESUME, "model.enc_channels=[16,16,32,32,32]")

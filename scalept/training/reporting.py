@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import resource
 import sys
 import time
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from scalept import distributed as dist_env
 from scalept.atomic import atomic_path
 from scalept.data.semantickitti import CLASS_NAMES
+from scalept.errors import TrainingDiverged
 from scalept.metrics import iou_per_class, mean_iou
 
 log = logging.getLogger("scalept.train")  # the stage's logger, whichever module of it speaks
@@ -165,6 +167,10 @@ class StepLog:
         self.pending.append(loss)
         self.window_steps += 1
 
+    def pending_finite(self) -> bool:
+        """Whether this rank's losses not yet flushed are all finite (one host sync)."""
+        return not self.pending or bool(torch.isfinite(torch.stack(self.pending)).all())
+
     def restart_clock(self) -> None:
         self.window_start = time.perf_counter()
 
@@ -187,6 +193,12 @@ class StepLog:
         self.windows.append((self.window_steps, self.window_voxels, elapsed, now))
         first = step - len(pending) + 1
         losses = values[:-1]
+        diverged = next((s for s, loss in zip(range(first, step + 1), losses) if not math.isfinite(loss)), None)
+        if diverged is not None:  # every rank sees the same rank-averaged values, so every rank raises
+            raise TrainingDiverged(
+                f"train: the loss is {losses[diverged - first]} at step {diverged} (lr {lr:.3g}): training diverged; "
+                "rerun with train.resume=false and a lower optim.lr or optim.block_lr_scale, or a larger "
+                "train.step_voxels (no checkpoint was written after the divergence)")
         self.step_losses.extend(zip(range(first, step + 1), losses))
         self.last_loss = losses[-1]
         self.reporter.steps(first, losses, lr, values[-1] / max(elapsed, 1e-9), peak_gpu_mem_gb(self.device), epoch)
