@@ -21,6 +21,7 @@ rerun skip finished work are in :mod:`scalept.shards`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -143,16 +144,12 @@ def predict_batch(model, batch: Mapping[str, torch.Tensor], device: torch.device
     stochastic = kind == "mc" or passes > 1
     autocast = inference_autocast(device.type, enabled=how.amp and device.type == "cuda")
     total = None
-    with torch.inference_mode(), autocast:
+    mode = stochastic_inference(model) if stochastic else contextlib.nullcontext()  # entered once per batch
+    with torch.inference_mode(), autocast, mode:
         for rotation, flip in views:
             view_feat, view_grid = view_of(feat, grid, offsets, rotation, flip)
             for _ in range(passes):
-                if stochastic:
-                    with stochastic_inference(model):
-                        out = model(view_feat, view_grid, offsets)
-                else:
-                    out = model(view_feat, view_grid, offsets)
-                out = out.float()
+                out = model(view_feat, view_grid, offsets).float()
                 if kind != "logits":
                     out = torch.softmax(out, dim=1)
                 total = out if total is None else total.add_(out)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
@@ -20,6 +21,20 @@ def _rates(drop_path: float, depths: Sequence[int]) -> list[list[float]]:
     flat = torch.linspace(0.0, drop_path, sum(depths)).tolist()
     bounds = [sum(depths[:i]) for i in range(len(depths) + 1)]
     return [flat[bounds[i] : bounds[i + 1]] for i in range(len(depths))]
+
+
+def _check_stage_lists(levels: int, encoder: Sequence[Sequence], decoder: Sequence[Sequence]) -> None:
+    if not all(len(v) == levels for v in encoder):
+        raise ValueError("enc_depths, enc_channels, enc_heads and enc_patch_size must have one entry per stage")
+    if not all(len(v) == levels - 1 for v in decoder):
+        raise ValueError("decoder lists must have one entry fewer than the encoder lists")
+
+
+def _stage_blocks(depth: int, channels: int, heads: int, patch: int, rates: Sequence[float], level: int,
+                  orders: int, block_args: Mapping) -> nn.ModuleList:
+    """One stage's blocks; block i serializes with order i mod ``orders`` and shares level's CPE key."""
+    return nn.ModuleList(Block(channels, heads, patch, i % orders, f"cpe{level}", drop_path=rates[i], **block_args)
+                         for i in range(depth))
 
 
 NormStatistics = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -66,22 +81,14 @@ class PTv3(nn.Module):
     ):
         super().__init__()
         levels = len(enc_depths)
-        if not all(len(v) == levels for v in (enc_channels, enc_heads, enc_patch_size)):
-            raise ValueError("enc_depths, enc_channels, enc_heads and enc_patch_size must have one entry per stage")
-        if not all(len(v) == levels - 1 for v in (dec_depths, dec_channels, dec_heads, dec_patch_size)):
-            raise ValueError("decoder lists must have one entry fewer than the encoder lists")
+        _check_stage_lists(levels, (enc_channels, enc_heads, enc_patch_size), (dec_depths, dec_channels, dec_heads,
+                                                                                dec_patch_size))
         self.orders = list(orders)
         serialization.encode_orders(torch.zeros(1, 3, dtype=torch.int64), self.orders)  # validates names
         self.shuffle_orders = shuffle_orders
         self.checkpoint_levels = checkpoint_levels
         block_args = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-
-        def blocks(depth, channels, heads, patch, rates, level):
-            return nn.ModuleList(
-                Block(channels, heads, patch, i % len(self.orders), f"cpe{level}", drop_path=rates[i], **block_args)
-                for i in range(depth)
-            )
-
+        blocks = partial(_stage_blocks, orders=len(self.orders), block_args=block_args)
         self.stem_conv = SubMConv(in_channels, enc_channels[0], stem_kernel, "stem", bias=False)
         self.stem_norm = nn.Sequential(nn.BatchNorm1d(enc_channels[0], eps=bn_eps, momentum=bn_momentum), nn.GELU())
         self.pools = nn.ModuleList(
