@@ -97,7 +97,7 @@ RULES: dict[str, Rule] = {
     "optim.lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.block_lr_scale": NON_NEGATIVE,
     "optim.lr_scaling": one_of("none", "linear", "sqrt"), "optim.reference_voxels": POSITIVE,
     "optim.pct_start": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"), "optim.div_factor": POSITIVE,
-    "optim.final_div_factor": POSITIVE,
+    "optim.final_div_factor": POSITIVE, "optim.clip_grad_norm": optional(POSITIVE),
     "infer.batch_points": COUNT, "infer.num_workers": NON_NEGATIVE_INT, "infer.checkpoint": CHECKPOINT,
     "infer.frames_per_chunk": COUNT, "infer.device": DEVICE, "infer.amp": FLAG,
     "fuse.device": DEVICE,

@@ -198,6 +198,8 @@ class Trainer:
             model_hook(model)
         self.use_amp = bool(cfg.train.amp) and device.type == "cuda"
         self.lovasz_weight = float(cfg.train.lovasz_weight)
+        clip = cfg.optim.get("clip_grad_norm")
+        self.clip_grad_norm = None if clip is None else float(clip)
         self.stop = StopFlag().install()
         self.reporter = Reporter(run_dir, env.is_main, self.total_steps, self.step, int(cfg.train.log_every))
         self.checkpointer = Checkpointer(cfg, model, model_cfg, self.optimizer, self.scheduler, env.is_main,
@@ -247,6 +249,8 @@ class Trainer:
         return loss.detach()
 
     def optimizer_step(self) -> None:
+        if self.clip_grad_norm is not None:  # gradients are already all-reduced: every rank clips alike
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
         self.step_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used (logged)
         self.scheduler.step()

@@ -319,6 +319,27 @@ def test_model_hook_sees_the_trained_model_once_before_the_first_step(data_dir, 
     assert result["param_digest"] == train.param_digest(model)  # the very module that was trained
 
 
+def test_clip_grad_norm_bounds_the_gradient_each_step_sees(data_dir, tmp_path, monkeypatch):
+    """With ``optim.clip_grad_norm`` the optimizer steps on gradients of at most that global norm; without
+    it the same steps see larger ones (so the bound is the clipping's doing)."""
+    seen = []
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return original_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    common = ("train.max_steps=3", "train.val_every=0", "train.bn_recalibration_batches=0")
+    train.run(compose_tiny(data_dir, tmp_path / "free", *common))
+    free, seen[:] = list(seen), []
+    train.run(compose_tiny(data_dir, tmp_path / "clipped", *common, "optim.clip_grad_norm=0.01"))
+    assert len(free) == len(seen) == 3
+    assert min(free) > 0.02, free
+    assert max(seen) <= 0.01 * (1 + 1e-4), seen
+
+
 def test_the_full_model_on_a_cpu_is_announced_with_an_estimate(caplog):
     from omegaconf import OmegaConf
 
