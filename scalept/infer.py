@@ -83,9 +83,7 @@ def load_model(cfg: DictConfig, device: torch.device):
     state = load_checkpoint(path, signature)
     model = build_model(state["model_cfg"], int(state["num_classes"]))
     model.load_state_dict(state["model"])
-    if "stochastic_norm_stats" in state:
-        model.stochastic_norm_stats = {name: (mean.to(device), var.to(device))
-                                       for name, (mean, var) in state["stochastic_norm_stats"].items()}
+    model.stochastic_norm_stats = state.get("stochastic_norm_stats")  # moved to the device with the model
     cast_for_inference(model.to(device).eval(), device.type, bool(cfg.infer.amp))
     return model, float(state["grid_size"]), file_digest(path)
 

@@ -152,6 +152,14 @@ class PTv3(nn.Module):
     def stochastic(self) -> bool:
         return any(m.stochastic for m in self.modules() if isinstance(m, Stochastic))
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()`` and casts move ``stochastic_norm_stats`` with the buffers they belong beside."""
+        super()._apply(fn, recurse)
+        if self.stochastic_norm_stats is not None:
+            self.stochastic_norm_stats = {name: (fn(mean), fn(var))
+                                          for name, (mean, var) in self.stochastic_norm_stats.items()}
+        return self
+
 
 def norm_statistics(model: nn.Module) -> NormStatistics:
     """A copy of every BatchNorm's running mean and variance, by module name."""

@@ -125,6 +125,16 @@ def test_mc_passes_use_the_stochastic_norm_statistics_and_restore_the_others(mak
         torch.testing.assert_close(model(*batch), ref, atol=0, rtol=0)
 
 
+def test_stochastic_norm_statistics_move_and_cast_with_the_model(make_model):
+    """``.to()`` and casts reach ``stochastic_norm_stats`` as they reach the BatchNorm buffers, so a
+    model loaded on the CPU and moved to a GPU swaps statistics on its own device."""
+    model = make_model()
+    model.stochastic_norm_stats = norm_statistics(model)
+    model.double()
+    for name, (mean, var) in model.stochastic_norm_stats.items():
+        assert mean.dtype == var.dtype == dict(model.named_modules())[name].running_mean.dtype == torch.float64
+
+
 def test_cloud_too_large_for_the_code_names_the_limit(make_model, cloud, batch_of):
     feat, grid, offsets = batch_of(cloud(200, 16))
     grid[0, 0] = 1 << 16
