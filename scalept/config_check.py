@@ -76,6 +76,7 @@ CHECKPOINT: Rule = (lambda v: v in ("best", "last") or (isinstance(v, str) and v
 
 RULES: dict[str, Rule] = {
     "seed": INTEGER, "nodes": COUNT, "dry_run": FLAG,
+    "local_ranks": (lambda v: v == "auto" or COUNT[0](v), "auto or an integer >= 1"),
     "dataset.synthetic.seed": INTEGER, "dataset.synthetic.frames_per_sequence": COUNT,
     "dataset.synthetic.azimuth_steps": COUNT, "dataset.synthetic.workers": optional(COUNT),
     "preprocess.frames_per_task": COUNT, "preprocess.task_id": optional(NON_NEGATIVE_INT), "preprocess.dry_run": FLAG,

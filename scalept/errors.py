@@ -19,3 +19,13 @@ class TrainingDiverged(ScalePTError, RuntimeError):
 
 class DiskFullError(ScalePTError, OSError):
     """A write found no space left; nothing half-written is kept, finished work stays."""
+
+
+def one_line(err: ScalePTError) -> tuple[str, int]:
+    """(the message to print, the exit code: 2 to fix the config, 1 to fix the data or files).
+
+    Raised in a DataLoader worker, the message carries the worker's traceback; its last line is ours.
+    """
+    text = str(err).strip()
+    line = text.splitlines()[-1].removeprefix(f"{type(err).__name__}: ") if text else type(err).__name__
+    return line, 2 if isinstance(err, ConfigError) else 1

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from scalept import slurm_jobs, study  # noqa: E402
 from scalept.steps import check_steps, plan_step, run_step  # noqa: E402
 from scalept.config_check import CONF_DIR, check_config, check_output_dirs  # noqa: E402
-from scalept.errors import ConfigError, ScalePTError, TrainingInterrupted  # noqa: E402
+from scalept.errors import ScalePTError, TrainingInterrupted, one_line  # noqa: E402
 
 log = logging.getLogger("scalept")
 
@@ -62,22 +62,43 @@ def _log_rank(job, env) -> None:
 
 
 def run(cfg: DictConfig) -> None:
-    """Run the stage's steps; in a job of several tasks, as one DDP world with barriers between steps.
+    """Check ``cfg``, then run the stage's steps: here, or as ``local_ranks`` processes of this machine.
 
-    Several tasks are those of a submitit job (cluster=slurm) or of a plain srun step
-    (slurm/train.sbatch) or torchrun, as ``distributed.resolve_env`` reads them: both take
-    the same path. In a submitit job that predicts, fusion (which needs every rank's shards)
-    is a job of its own, submitted with the sweep (hydra_plugins/scalept_slurm/sweep_launcher.py),
-    so this job leaves it out; slurm/pipeline.sh leaves it out of the srun step itself.
+    A job of several tasks (a submitit job with cluster=slurm, a plain srun step as in
+    slurm/train.sbatch, or torchrun), as ``distributed.resolve_env`` reads it, is one DDP
+    world already and runs its steps as it is.
     """
     check_config(cfg)  # every value, before any work (again in every job)
     check_output_dirs(cfg)
-    steps = check_steps(cfg.stage.steps)
-    plan = study.runs(cfg) if cfg.stage.name == "study" else [(cfg, steps)]  # (config, steps) in order
+    plan = _plan(cfg)
     if cfg.dry_run:
         for run_cfg, run_steps in plan:
             print_plans(run_cfg, run_steps)
         return
+    from scalept import distributed, local_ranks
+
+    in_job = _submitit_job() is not None or distributed.resolve_env().world_size > 1
+    ranks = 1 if in_job else local_ranks.rank_count(cfg.get("local_ranks", 1), [s for _, st in plan for s in st])
+    if ranks > 1:
+        local_ranks.start(cfg, ranks, run_plan)
+    else:
+        run_plan(cfg)
+
+
+def _plan(cfg: DictConfig) -> list[tuple[DictConfig, list[str]]]:
+    """(config, steps) of every run of the stage, in order: one, or the study's many."""
+    steps = check_steps(cfg.stage.steps)
+    return study.runs(cfg) if cfg.stage.name == "study" else [(cfg, steps)]
+
+
+def run_plan(cfg: DictConfig) -> None:
+    """The stage's steps in this process: alone, or as one task of a multi-task job.
+
+    In a submitit job that predicts, fusion (which needs every rank's shards) is a job of its
+    own, submitted with the sweep (hydra_plugins/scalept_slurm/sweep_launcher.py), so this job
+    leaves it out; slurm/pipeline.sh leaves it out of the srun step itself.
+    """
+    plan = _plan(cfg)
     job = _submitit_job()
     if job is not None and slurm_jobs.fusion_is_own_job(cfg.stage):
         plan = [(run_cfg, [s for s in run_steps if s != "fuse"]) for run_cfg, run_steps in plan]
@@ -137,10 +158,9 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except ScalePTError as err:  # the user's input: one line, no traceback
-        # raised in a DataLoader worker, the message carries the worker's traceback; its last line is ours
-        line = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        log.error("%s", line.removeprefix(f"{type(err).__name__}: "))
-        sys.exit(2 if isinstance(err, ConfigError) else 1)  # 2: fix the config, 1: fix the data or files
+        line, code = one_line(err)
+        log.error("%s", line)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def test_every_shipped_option_passes(compose_cfg, group, option):
     (["infer.checkpoint=model.ckpt"], "infer.checkpoint='model.ckpt'"),
     (["dataset.synthetic.workers=0"], "dataset.synthetic.workers=0"),
     (["dry_run=maybe"], "dry_run='maybe'"),
+    (["local_ranks=0"], "local_ranks=0"),
     (["infer.tta.rotations=[0,45]"], "infer.tta.rotations=[0, 45]"),
     (["dataset.splits.val=[8]"], "dataset.splits.val=[8]"),  # read sequences/08 but wrote 8.h5 before
     (["fusion=mc_uncertainty", "fusion.weighting=entropi"], "fusion.weighting='entropi'"),  # failed after infer

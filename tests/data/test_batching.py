@@ -107,7 +107,9 @@ def test_step_voxels_keep_the_global_step_whatever_the_world_size(compose_cfg):
     assert micro_batch_budget(outdoor, 3) == (333_334, 1)
     small = compose_cfg("train=small_gpu").train
     assert micro_batch_budget(small, 1) == (200_000, 5) and micro_batch_budget(small, 2) == (166_667, 3)
-    assert micro_batch_budget(compose_cfg("train=embedded").train, 8) == (40_000, 1)  # no step_voxels
+    embedded = compose_cfg("train=embedded").train  # 40k voxels a step, one process or two local ranks
+    assert micro_batch_budget(embedded, 1) == (40_000, 1) and micro_batch_budget(embedded, 2) == (20_000, 1)
+    assert micro_batch_budget(compose_cfg("train=embedded", "train.step_voxels=null").train, 8) == (40_000, 1)
 
 
 @pytest.mark.parametrize("override, key", [
