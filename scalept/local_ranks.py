@@ -1,9 +1,10 @@
 """Data-parallel ranks on this machine for ``cluster=local`` (the key ``local_ranks``), as torchrun would start them.
 
 Why: on a CPU one process barely uses a second core (PyTorch's intra-op threads gain
-little on ptv3_tiny's small tensors: 45k voxels/s with two threads, 44k with one), while
-two single-threaded ranks train 1.8x as many voxels per second (README, "Data-parallel
-scaling"). On a machine with several GPUs, one rank per GPU is what a user expects.
+little on ptv3_tiny's small tensors: 45k voxels/s with two threads, 44k with one), while two
+single-threaded ranks train 1.3x (the embedded default's 40k-voxel steps, 20k per rank) to 1.8x
+(40k per rank) as many voxels per second (README, "Data-parallel scaling"). On a machine with
+several GPUs, one rank per GPU is what a user expects.
 
 The launcher process starts the ranks with :func:`torch.multiprocessing.start_processes`
 (which ends the others when one fails) and waits; each rank gets torchrun's variables,
