@@ -1,4 +1,4 @@
-"""Behaviour of the PTv3 model on small CPU clouds (ptv3_tiny, patch size 128)."""
+"""Behaviour of the PTv3 model on small CPU clouds (ptv3_tiny, patch size 64)."""
 from __future__ import annotations
 
 import pytest
