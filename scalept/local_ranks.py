@@ -73,7 +73,7 @@ def _job_logging() -> dict | None:
 
 def start(cfg: DictConfig, ranks: int, target: Callable[[DictConfig], None]) -> None:
     """Run ``target(cfg)`` (the launcher's steps) in ``ranks`` processes of one process group on this
-    machine and wait for them. ``target`` reports its own errors in one line and exits.
+    machine and wait for them.
 
     The first rank to fail ends the others (torch's spawn does); its error is raised here, once: the
     one line of a :class:`ScalePTError` (the rank leaves it in ``errors_dir``), anything else with the
