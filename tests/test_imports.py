@@ -10,7 +10,8 @@ from scalept.steps import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("scalept", "preprocessing", "hydra_plugins")
-ORCHESTRATION = {"scalept.launch", "scalept.local_ranks", "scalept.slurm_jobs", "hydra_plugins.scalept_slurm.sweep_launcher"}
+ORCHESTRATION = {"scalept.launch", "scalept.local_ranks", "scalept.slurm_jobs",
+                 "hydra_plugins.scalept_slurm.sweep_launcher"}
 
 
 def module_name(path: Path) -> str:

@@ -29,8 +29,8 @@ def compose_tiny(data_dir: Path, run_dir: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=[
             *data_overrides(data_dir), f"run_dir={run_dir}", "model=ptv3_tiny", "stage=train",
-            "train.batch_voxels=4500", "train.step_voxels=null", "train.num_workers=0", "train.epochs=2", "train.val_every=1",
-            "train.log_every=1", "train.grid_size=0.2", "optim.lr=0.01", "optim.lr_scaling=none", *overrides,
+            "train.batch_voxels=4500", "train.step_voxels=null", "train.num_workers=0", "train.epochs=2",
+            "train.val_every=1", "train.log_every=1", "train.grid_size=0.2", "optim.lr=0.01", "optim.lr_scaling=none", *overrides,
         ])
 
 
