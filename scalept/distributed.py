@@ -105,6 +105,11 @@ _STORE: dist.TCPStore | None = None  # the rendezvous of the running group
 _LISTENER: socket.socket | None = None  # rank 0: the socket the store serves on, bound to the master address
 
 
+def available_cores() -> int:
+    """Cores this process may use (its affinity mask, e.g. a Slurm allocation), else every core."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def get_env() -> DistEnv:
     """This process's :class:`DistEnv` (resolved once, at :func:`init` or at the first call)."""
     global _ENV

@@ -78,11 +78,11 @@ def run(cfg: DictConfig) -> None:
     from scalept import distributed, local_ranks
 
     in_job = _submitit_job() is not None or distributed.resolve_env().world_size > 1
-    ranks = 1 if in_job else local_ranks.rank_count(cfg.get("local_ranks", 1), [s for _, st in plan for s in st])
+    ranks = 1 if in_job else local_ranks.rank_count(cfg.local_ranks, [s for _, st in plan for s in st])
     if ranks > 1:
-        local_ranks.start(cfg, ranks, run_plan)
+        local_ranks.start(cfg, ranks, run_plan)  # each rank plans again from cfg
     else:
-        run_plan(cfg)
+        run_plan(cfg, plan)
 
 
 def _plan(cfg: DictConfig) -> list[tuple[DictConfig, list[str]]]:
@@ -91,14 +91,15 @@ def _plan(cfg: DictConfig) -> list[tuple[DictConfig, list[str]]]:
     return study.runs(cfg) if cfg.stage.name == "study" else [(cfg, steps)]
 
 
-def run_plan(cfg: DictConfig) -> None:
-    """The stage's steps in this process: alone, or as one task of a multi-task job.
+def run_plan(cfg: DictConfig, plan: list[tuple[DictConfig, list[str]]] | None = None) -> None:
+    """The stage's steps (``plan``, else :func:`_plan` of ``cfg``) in this process: alone, or as one
+    task of a multi-task job.
 
     In a submitit job that predicts, fusion (which needs every rank's shards) is a job of its
     own, submitted with the sweep (hydra_plugins/scalept_slurm/sweep_launcher.py), so this job
     leaves it out; slurm/pipeline.sh leaves it out of the srun step itself.
     """
-    plan = _plan(cfg)
+    plan = _plan(cfg) if plan is None else plan
     job = _submitit_job()
     if job is not None and slurm_jobs.fusion_is_own_job(cfg.stage):
         plan = [(run_cfg, [s for s in run_steps if s != "fuse"]) for run_cfg, run_steps in plan]

@@ -28,6 +28,7 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
+from scalept.distributed import available_cores
 from scalept.errors import ConfigError, ScalePTError, one_line
 
 log = logging.getLogger("scalept")
@@ -37,11 +38,6 @@ log = logging.getLogger("scalept")
 MAX_CPU_RANKS = 4
 # The steps worth several processes; synth and fuse run on rank 0 alone, tiling is quick.
 PARALLEL_STEPS = ("train", "infer")
-
-
-def available_cores() -> int:
-    """Cores this process may use (its affinity mask, e.g. a Slurm allocation), else every core."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def rank_count(setting, steps: list[str]) -> int:
@@ -85,8 +81,7 @@ def start(cfg: DictConfig, ranks: int, target: Callable[[DictConfig], None]) -> 
     errors_dir = tempfile.mkdtemp(prefix="scalept-ranks-")
     settings = {"config": plain, "logging": _job_logging(), "world_size": ranks, "threads": threads,
                 "port": _free_port(), "launcher_pid": os.getpid(), "errors_dir": errors_dir}
-    log.info("local: %d ranks on this machine (local_ranks=%s), %d thread(s) each", ranks, cfg.get("local_ranks"),
-             settings["threads"])
+    log.info("local: %d ranks on this machine (local_ranks=%s), %d thread(s) each", ranks, cfg.local_ranks, threads)
     try:
         mp.start_processes(_rank_main, args=(settings, target), nprocs=ranks, join=True, start_method="spawn")
     except mp.ProcessExitedException as err:

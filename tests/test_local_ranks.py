@@ -26,7 +26,7 @@ from tests.conftest import TINY_PIPELINE
 ])
 def test_rank_count_without_a_gpu(monkeypatch, setting, steps, cores, expected):
     monkeypatch.setattr(local_ranks.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(local_ranks, "available_cores", lambda: cores)
+    monkeypatch.setattr(local_ranks, "available_cores", lambda: cores)  # the name local_ranks calls
     assert local_ranks.rank_count(setting, steps) == expected
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from scalept.data.dataset import split_sequences
+from scalept.distributed import available_cores
 from scalept.errors import ConfigError
 from scalept.plan import Plan
 
@@ -50,7 +51,7 @@ def plan(cfg: DictConfig) -> Plan:
 
 def workers_for(setting: int | None, jobs: int) -> int:
     """Processes to generate ``jobs`` sequences with: the setting, else the cores this process may use."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     return max(1, min(jobs, cores if setting is None else int(setting)))
 
 
