@@ -97,12 +97,15 @@ def remove_stale_temporaries(*folders: str | os.PathLike) -> int:
         folder = Path(folder)
         if not folder.is_dir():
             continue
-        for path in folder.rglob(".*.tmp-*"):
-            match = _TEMPORARY.match(path.name)
-            if match and match["host"] == host and not _alive(int(match["pid"])):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    removed += 1
+        # os.walk, not rglob: a folder that another task removes during the walk (a sequence's
+        # .parts after its merge) is skipped instead of raising FileNotFoundError
+        for root, _, names in os.walk(folder):
+            for name in names:
+                match = _TEMPORARY.match(name)
+                if match and match["host"] == host and not _alive(int(match["pid"])):
+                    with contextlib.suppress(FileNotFoundError):
+                        Path(root, name).unlink()
+                        removed += 1
     if removed:
         log.info("removed %d temporary file(s) left by killed writers under %s", removed,
                  ", ".join(str(f) for f in folders))

@@ -88,10 +88,12 @@ def start(cfg: DictConfig, ranks: int, target: Callable[[DictConfig], None]) -> 
         if err.exit_code < 0:
             raise ScalePTError(f"rank {err.error_index} of {ranks} was killed by signal {-err.exit_code} (SIGKILL "
                                "often means out of memory: lower local_ranks or train.batch_voxels)") from None
-        line = Path(errors_dir, f"rank-{err.error_index}.txt")
-        if not line.is_file():
+        # the cause may be another rank's error: a rank waiting on one that failed fails in turn
+        lines = sorted(Path(errors_dir).glob("rank-*.txt"), key=lambda p: p.name != f"rank-{err.error_index}.txt")
+        if not lines:
             raise
-        raise (ConfigError if err.exit_code == 2 else ScalePTError)(line.read_text()) from None
+        code, line = lines[0].read_text().split("\n", 1)
+        raise (ConfigError if code == "2" else ScalePTError)(line) from None
     finally:
         shutil.rmtree(errors_dir, ignore_errors=True)
 
@@ -124,5 +126,5 @@ def _rank_main(index: int, settings: dict, target: Callable[[DictConfig], None])
         target(OmegaConf.create(settings["config"]))
     except ScalePTError as err:  # the launcher prints it once, for the first rank that failed
         line, code = one_line(err)
-        Path(settings["errors_dir"], f"rank-{index}.txt").write_text(line)
+        Path(settings["errors_dir"], f"rank-{index}.txt").write_text(f"{code}\n{line}")
         sys.exit(code)
