@@ -38,6 +38,9 @@ log = logging.getLogger("scalept")
 MAX_CPU_RANKS = 4
 # The steps worth several processes; synth and fuse run on rank 0 alone, tiling is quick.
 PARALLEL_STEPS = ("train", "infer")
+# Seconds the other ranks get to end on their own once one has failed (and to leave their
+# one-line error) before they are sent SIGTERM.
+GRACE_S = 10
 
 
 def rank_count(setting, steps: list[str]) -> int:
@@ -71,9 +74,11 @@ def start(cfg: DictConfig, ranks: int, target: Callable[[DictConfig], None]) -> 
     """Run ``target(cfg)`` (the launcher's steps) in ``ranks`` processes of one process group on this
     machine and wait for them.
 
-    The first rank to fail ends the others (torch's spawn does); its error is raised here, once: the
-    one line of a :class:`ScalePTError` (the rank leaves it in ``errors_dir``), anything else with the
-    rank's traceback, a signal (e.g. out of memory) as one line.
+    When a rank fails, the others get :data:`GRACE_S` to end on their own before torch's spawn
+    stops them. The error raised here, once, is the one line of a :class:`ScalePTError` that any
+    rank left in ``errors_dir``: a rank waiting on the one that failed fails in turn, with a mere
+    "connection closed", and may be seen first. Without such a line: the failed rank's traceback,
+    or a signal (e.g. out of memory) as one line.
     """
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)  # Hydra's own settings: the ranks run without Hydra
@@ -83,17 +88,19 @@ def start(cfg: DictConfig, ranks: int, target: Callable[[DictConfig], None]) -> 
                 "port": _free_port(), "launcher_pid": os.getpid(), "errors_dir": errors_dir}
     log.info("local: %d ranks on this machine (local_ranks=%s), %d thread(s) each", ranks, cfg.local_ranks, threads)
     try:
-        mp.start_processes(_rank_main, args=(settings, target), nprocs=ranks, join=True, start_method="spawn")
-    except mp.ProcessExitedException as err:
-        if err.exit_code < 0:
+        context = mp.start_processes(_rank_main, args=(settings, target), nprocs=ranks, join=False,
+                                     start_method="spawn")
+        while not context.join(grace_period=GRACE_S):
+            pass
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as err:
+        lines = sorted(Path(errors_dir).glob("rank-*.txt"), key=lambda p: p.name != f"rank-{err.error_index}.txt")
+        if lines:
+            code, line = lines[0].read_text().split("\n", 1)
+            raise (ConfigError if code == "2" else ScalePTError)(line) from None
+        if isinstance(err, mp.ProcessExitedException) and err.exit_code < 0:
             raise ScalePTError(f"rank {err.error_index} of {ranks} was killed by signal {-err.exit_code} (SIGKILL "
                                "often means out of memory: lower local_ranks or train.batch_voxels)") from None
-        # the cause may be another rank's error: a rank waiting on one that failed fails in turn
-        lines = sorted(Path(errors_dir).glob("rank-*.txt"), key=lambda p: p.name != f"rank-{err.error_index}.txt")
-        if not lines:
-            raise
-        code, line = lines[0].read_text().split("\n", 1)
-        raise (ConfigError if code == "2" else ScalePTError)(line) from None
+        raise
     finally:
         shutil.rmtree(errors_dir, ignore_errors=True)
 
