@@ -93,7 +93,8 @@ def start(cfg: DictConfig, ranks: int, target: Callable[[DictConfig], None]) -> 
         while not context.join(grace_period=GRACE_S):
             pass
     except (mp.ProcessExitedException, mp.ProcessRaisedException) as err:
-        lines = sorted(Path(errors_dir).glob("rank-*.txt"), key=lambda p: p.name != f"rank-{err.error_index}.txt")
+        failed = f"rank-{err.error_index}.txt"  # its own line first, when it left one
+        lines = sorted(Path(errors_dir).glob("rank-*.txt"), key=lambda p: p.name != failed)
         if lines:
             code, line = lines[0].read_text().split("\n", 1)
             raise (ConfigError if code == "2" else ScalePTError)(line) from None
