@@ -132,7 +132,7 @@ def _rank_main(index: int, settings: dict, target: Callable[[DictConfig], None])
                             format=f"[%(asctime)s][%(name)s][%(levelname)s] - rank {index}: %(message)s")
     try:
         target(OmegaConf.create(settings["config"]))
-    except ScalePTError as err:  # the launcher prints it once, for the first rank that failed
+    except ScalePTError as err:  # the launcher prints one rank's line, once (see start)
         line, code = one_line(err)
         Path(settings["errors_dir"], f"rank-{index}.txt").write_text(f"{code}\n{line}")
         sys.exit(code)

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from scalept import local_ranks
 from scalept.data.semantickitti import Sequence, read_labels
+from scalept.errors import ScalePTError
 from tests.conftest import TINY_PIPELINE
 
 
@@ -74,8 +76,6 @@ def test_an_error_in_a_rank_is_one_line_and_the_launchers_exit_code(tmp_path):
 def _fails_on_rank_0_then_rank_1_sees_it(cfg) -> None:
     """Rank 0 meets a data error; rank 1, waiting on it, fails first with a plain error (as a
     barrier does when its peer's connection closes)."""
-    from scalept.errors import ScalePTError
-
     if os.environ["RANK"] == "0":
         time.sleep(1.0)
         raise ScalePTError(f"{cfg.run_dir}/shard.h5: disk full")
@@ -83,10 +83,6 @@ def _fails_on_rank_0_then_rank_1_sees_it(cfg) -> None:
 
 
 def test_a_ranks_one_line_error_wins_over_the_plain_error_it_caused_in_another(tmp_path):
-    from omegaconf import OmegaConf
-
-    from scalept.errors import ScalePTError
-
     cfg = OmegaConf.create({"run_dir": str(tmp_path), "local_ranks": 2})
     with pytest.raises(ScalePTError, match="shard.h5: disk full"):
         local_ranks.start(cfg, 2, _fails_on_rank_0_then_rank_1_sees_it)
