@@ -1,9 +1,10 @@
 """Compare the runs of a sweep: ``python -m scalept.analysis <sweep dir> [--out DIR]``.
 
 Finds the runs below the sweep directory, from each Hydra job's ``.hydra/config.yaml``
-(its ``run_dir``, ``sampling.name``, ``fusion.name``, ``nodes``; a relative ``run_dir`` is
-taken against the launch directory, ``hydra.runtime.cwd`` of ``.hydra/hydra.yaml``) or
-directly (any directory holding ``train_metrics.json`` or ``infer/<fusion>/metrics.json``),
+(its ``run_dir``, ``sampling.name``, ``fusion.name`` and ``infer.tta``, which name the
+``infer/<fusion>[-tta<views>]/`` folder, ``nodes``; a relative ``run_dir`` is taken against the
+launch directory, ``hydra.runtime.cwd`` of ``.hydra/hydra.yaml``) or directly (any directory
+holding ``train_metrics.json`` or ``infer/<fusion>[-tta<views>]/metrics.json``),
 and writes into ``--out`` (default ``<sweep dir>/analysis/``):
 
     comparison.md     one row per (sampling, fusion, nodes): mIoU, accuracy, training
@@ -81,7 +82,7 @@ def _job_points(sweep: Path) -> list[tuple[str, str, int | None, Path]]:
                 run_dir = str(cfg.run_dir)
             except Exception:  # an interpolation needing this job's environment: keep it literal
                 run_dir = str(raw)
-            sampling, fusion = str(cfg.sampling.name), str(cfg.fusion.name)
+            sampling, fusion = str(cfg.sampling.name), _output_folder(cfg)
             nodes = cfg.get("nodes")
         except Exception as err:
             log.warning("analysis: skipping %s (%s)", config, err)
@@ -91,6 +92,19 @@ def _job_points(sweep: Path) -> list[tuple[str, str, int | None, Path]]:
         points.append((sampling, fusion, None if nodes is None else int(nodes),
                        _resolve(Path(run_dir), config.parent, sweep)))
     return points
+
+
+def _output_folder(cfg) -> str:
+    """The job's folder below ``<run_dir>/infer/``, ``<fusion>[-tta<views>][-lowest]`` as the stages name
+    it; a config without ``infer.tta`` predates test-time augmentation and used ``<fusion>``."""
+    from omegaconf import OmegaConf
+
+    from scalept.shards import fusion_output_dir
+
+    tta = OmegaConf.select(cfg, "infer.tta")
+    if tta is None:
+        return str(cfg.fusion.name)
+    return fusion_output_dir(OmegaConf.create({"run_dir": ".", "fusion": cfg.fusion, "infer": {"tta": tta}})).name
 
 
 def _resolve(run_dir: Path, hydra_dir: Path, sweep: Path) -> Path:

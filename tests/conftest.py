@@ -25,10 +25,11 @@ def compose_cfg():
     return compose_config
 
 
+# The default pipeline made small: Hilbert windows (a few per tiny frame) and one inference view.
 TINY_PIPELINE = [
     "dataset.synthetic.frames_per_sequence=2", "dataset.synthetic.azimuth_steps=256", 'dataset.splits.train=["00"]',
-    "sampling.max_points=4000", "sampling.overlap=500", "train.max_steps=3", "train.val_every=0",
-    "train.num_workers=0", "infer.num_workers=0", "local_ranks=1",
+    "sampling=hilbert", "sampling.max_points=4000", "sampling.overlap=500", "train.max_steps=3", "train.val_every=0",
+    "train.num_workers=0", "infer.num_workers=0", "infer.tta.rotations=[0]", "local_ranks=1",
 ]
 
 

@@ -28,7 +28,7 @@ def base_overrides(root: Path, sampling: str = "block", *extra: str) -> list[str
         f"data_dir={root}", f"run_dir={root}/run", f"sampling={sampling}",
         f"dataset.synthetic.frames_per_sequence={FRAMES}", f"dataset.synthetic.azimuth_steps={AZIMUTH_STEPS}",
         "preprocess.splits=[val]", "infer.splits=[val]", "infer.frames_per_chunk=2", "infer.batch_points=40000",
-        "infer.num_workers=0",
+        "infer.num_workers=0", "infer.tta.rotations=[0]",  # one view; the TTA tests ask for theirs
     ]
     if sampling == "block":
         overrides += ["sampling.max_points=3000", "sampling.block_size=40.0"]

@@ -86,6 +86,21 @@ def test_collect_resolves_run_dirs(sweep: Path):
     assert runs[3].missing == ["infer/mc_uncertainty/metrics.json"]
 
 
+def test_a_job_with_test_time_augmentation_is_read_from_its_tta_folder(tmp_path: Path, monkeypatch):
+    """The default config predicts four rotations, whose outputs live in infer/<fusion>-tta0-90-180-270/."""
+    launch, sweep = tmp_path / "launch", tmp_path / "launch" / "multirun" / "2026-01-01" / "12-00-00"
+    _job(sweep, 0, launch, "knn", "logit_average", 1, "runs/knn")
+    with (sweep / "0" / ".hydra" / "config.yaml").open("a") as config:
+        config.write("infer:\n  tta:\n    rotations: [0, 90, 180, 270]\n    flip: false\n")
+    run = launch / "runs" / "knn"
+    _write(run / "train_metrics.json", _train(99_000.0, 12.0, 1000.0, 1))
+    _write(run / "infer/logit_average/metrics.json", _fuse("knn", "logit_average", 0.40, 0.8))  # without TTA
+    _write(run / "infer/logit_average-tta0-90-180-270/metrics.json", _fuse("knn", "logit_average", 0.52, 0.9))
+    monkeypatch.chdir(tmp_path)
+    (job,) = collect(sweep)
+    assert job.fusion == "logit_average-tta0-90-180-270" and job.fuse["miou"] == 0.52 and not job.missing
+
+
 def test_table_and_plots(sweep: Path, capsys):
     main([str(sweep)])
     out = sweep / "analysis"

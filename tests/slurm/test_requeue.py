@@ -18,7 +18,7 @@ def test_signalled_training_job_is_requeued_and_resumes_from_last(cluster, tmp_p
     sweep = tmp_path / "sweep"
     env = {**cluster.env, "SCALEPT_MASTER_ADDR": "127.0.0.1"}
     launch = subprocess.Popen(
-        [sys.executable, "-m", "scalept.launch", "-m", "sampling=hilbert", "cluster=slurm", "nodes=2",
+        [sys.executable, "-m", "scalept.launch", "-m", "cluster=slurm", "nodes=2",
          f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=20", "hydra.launcher.cpus_per_task=1",
          f"data_dir={tmp_path / 'data'}", f"run_dir={tmp_path / 'run'}", *TINY_PIPELINE,
          f"train.max_steps={TOTAL_STEPS}"],
