@@ -2,7 +2,7 @@
 
 ``python -m scalept.launch stage=fuse fusion=<name> run_dir=...`` runs as its own
 process (a separate Slurm job after inference). It reads every chunk file that
-stage=infer wrote under ``<run_dir>/infer/<fusion.name>/`` (layout: see
+stage=infer wrote under ``<run_dir>/infer/<fusion.name>[-tta<views>]/`` (layout: see
 :mod:`scalept.infer`, laid out as :mod:`scalept.shards` says), first checks that every tile of every frame of
 ``infer.splits`` is there (a missing shard or tile stops the stage with one line
 naming it, never a silently lower mIoU), then per frame:
@@ -16,8 +16,8 @@ naming it, never a silently lower mIoU), then per frame:
   nearest point that has a prediction: gathered through the tile file's fill map,
   found once by preprocessing (``scipy.spatial.cKDTree`` here for older tile files).
 
-Outputs, under ``<run_dir>/infer/<fusion.name>/`` (``<fusion.name>-lowest/`` for
-``weighting: lowest``, which reuses the mc_uncertainty shards)::
+Outputs, beside the shards (``<...>-lowest/`` for ``weighting: lowest``, which reuses the
+mc_uncertainty shards)::
 
     sequences/SS/predictions/NNNNNN.label   raw SemanticKITTI ids (uint32), the submission format
     sequences/SS/entropy/NNNNNN.npy         float16 fused entropy per point (mc_uncertainty)

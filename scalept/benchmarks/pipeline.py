@@ -215,6 +215,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default=None, help="ptv3 or ptv3_tiny (default: ptv3 on GPU, tiny on CPU)")
     parser.add_argument("--batch-points", type=int, default=400_000, help="infer.batch_points")
     parser.add_argument("--workers", type=int, default=0, help="infer.num_workers (DataLoader processes)")
+    parser.add_argument("--tta-rotations", default="0",
+                        help="infer.tta.rotations, comma-separated (0: one view, how the README figures were taken)")
     parser.add_argument("--json", type=Path, default=Path("runs/benchmarks/pipeline.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -224,10 +226,12 @@ def main(argv=None) -> dict:
     train = "outdoor" if model == "ptv3" else "embedded"
     results: dict = {"device": torch.cuda.get_device_name() if gpu else f"cpu ({os.cpu_count()} cores)",
                      "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                     "model": model, "fusion": args.fusion, "workers": args.workers, "batch_points": args.batch_points}
+                     "model": model, "fusion": args.fusion, "workers": args.workers, "batch_points": args.batch_points,
+                     "tta_rotations": args.tta_rotations}
     with tempfile.TemporaryDirectory() as tmp:
         base = [f"data_dir={tmp}", f"model={model}", f"train={train}", f"infer.batch_points={args.batch_points}",
-                f"infer.num_workers={args.workers}", "infer.frames_per_chunk=4", f"run_dir={tmp}/runs/${{sampling.name}}"]
+                f"infer.num_workers={args.workers}", "infer.frames_per_chunk=4", f"infer.tta.rotations=[{args.tta_rotations}]",
+                f"run_dir={tmp}/runs/${{sampling.name}}"]
         if args.real:
             from scalept.data.semantickitti import Sequence, list_sequences
 

@@ -60,7 +60,7 @@ def compose_run(args, data: list[str], *extra: str):
         f"train={args.preset}", f"train.max_steps={args.steps}", "train.val_every=0", "train.resume=false",
         f"train.log_every={args.window}", f"train.num_workers={args.workers}", "train.checkpoint_every_min=null",
         "train.bn_recalibration_batches=0",  # after the last step, outside every figure: time saved per run
-        f"infer.num_workers={args.workers}", "infer.frames_per_chunk=1",
+        f"infer.num_workers={args.workers}", "infer.frames_per_chunk=1", "infer.tta.rotations=[0]",  # one view
         f"dataset.splits.train=[{','.join(data)}]", f"dataset.splits.val=[{','.join(data)}]", "infer.splits=[val]",
     ]
     overrides += ["dataset=semantickitti", f"dataset.root={args.real}"] if args.real else \
