@@ -10,7 +10,7 @@ import pytest
 from scalept.benchmarks import scaling, scaling_rank
 
 # ptv3_tiny on tiles of at most 2,500 points, micro-batches of 4,500 voxels per rank
-TINY = ["dataset.synthetic.azimuth_steps=200", "sampling=hilbert", "sampling.max_points=2500", "sampling.overlap=500"]
+TINY = ["dataset.synthetic.azimuth_steps=200", "sampling.max_points=2500", "sampling.overlap=500"]
 
 
 @pytest.fixture
