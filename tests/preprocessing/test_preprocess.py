@@ -93,7 +93,7 @@ def test_rerun_skips_finished_work(compose_cfg, real_root, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in tile_files(cfg).values()}
     run(cfg)
     assert {p: p.stat().st_mtime_ns for p in tile_files(cfg).values()} == stamps
-    changed = real_cfg(compose_cfg, real_root, tmp_path, "sampling.overlap=100")
+    changed = real_cfg(compose_cfg, real_root, tmp_path, "sampling.max_points=30000")
     with pytest.raises(TileFileError, match=r"built with sampling=.*delete the file or set another tiles_dir"):
         run(changed)
 
@@ -168,8 +168,9 @@ def test_sbatch_script_runs_the_unit_of_its_array_task(real_root, tmp_path):
     """slurm/preprocess.sbatch as an array task: Slurm's SLURM_ARRAY_TASK_ID picks the unit."""
     script = CONF_DIR.parent / "slurm" / "preprocess.sbatch"
     env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_JOB_ID": "77"}
-    args = ["bash", str(script), "dataset=semantickitti", f"dataset.root={real_root}", f"data_dir={tmp_path}",
-            'dataset.splits.train=["00"]', 'dataset.splits.val=["08"]', "preprocess.frames_per_task=6"]
+    args = ["bash", str(script), "sampling=hilbert", "dataset=semantickitti", f"dataset.root={real_root}",
+            f"data_dir={tmp_path}", 'dataset.splits.train=["00"]', 'dataset.splits.val=["08"]',
+            "preprocess.frames_per_task=6"]
     done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert is_complete(tmp_path / "tiles" / "semantickitti" / "hilbert" / "08.h5")
