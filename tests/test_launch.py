@@ -15,12 +15,15 @@ from scalept.data.semantickitti import Sequence, read_labels, to_classes
 @pytest.mark.slow
 def test_default_pipeline_end_to_end(tmp_path, tiny_pipeline):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "scalept.launch", f"hydra.run.dir={tmp_path}/hydra", *tiny_pipeline]
+    # the default's own tiling (kNN tiles, smaller) and test-time augmentation (four z-rotations)
+    small = [o for o in tiny_pipeline if not o.startswith(("sampling=", "sampling.overlap=", "infer.tta."))]
+    args = [sys.executable, "-m", "scalept.launch", f"hydra.run.dir={tmp_path}/hydra", *small]
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| **mIoU** (all 19 classes" in done.stderr + done.stdout  # the per-class table is printed
-    out = run_dir / "infer" / "logit_average"
+    out = run_dir / "infer" / "logit_average-tta0-90-180-270"
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sampling"] == "knn" and json.loads((out / "manifest.json").read_text())["tta"] == "0,90,180,270"
     assert 0.0 <= metrics["miou"] <= 1.0 and metrics["scored_sequences"] == ["08"]
     assert metrics["num_frames"] == 2 and metrics["num_fused"] + metrics["num_filled"] == metrics["num_points"]
     assert (out / "iou.md").is_file() and (out / "confusion.png").stat().st_size > 0
