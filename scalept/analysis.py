@@ -304,7 +304,7 @@ def _stages_figure(plt, runs: list[Run]):
         values = [_val(r.stage_seconds()[stage]) for r in runs]
         values = [0.0 if math.isnan(v) else v for v in values]
         ax.bar(range(len(runs)), values, 0.6, bottom=bottom, label=stage)
-        bottom = [b + v for b, v in zip(bottom, values)]
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.set_xticks(range(len(runs)), [r.label for r in runs], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("seconds")
     ax.set_title("Time per stage")

@@ -64,7 +64,7 @@ def test_training_rows_are_consistent(report):
     assert one["allreduce_ms_per_step"] == one["exposed_allreduce_ms_per_step"] == one["buckets"] == 0
     assert one["ddp"] == {}
     assert two["buckets"] >= 1 and 0 < two["allreduce_share"] < 1
-    for busy, exposed in zip(two["allreduce_ms_per_rank"], two["exposed_allreduce_ms_per_rank"]):
+    for busy, exposed in zip(two["allreduce_ms_per_rank"], two["exposed_allreduce_ms_per_rank"], strict=True):
         assert 0 < exposed <= busy
     assert two["ddp"] == {"bucket_cap_mb": 25.0, "gradient_as_bucket_view": False, "static_graph": False,
                           "find_unused_parameters": False, "broadcast_buffers": True}

@@ -79,7 +79,7 @@ def test_voxel_counts_equal_the_datasets_voxelization_and_are_cached(data_dir, m
 
     monkeypatch.setattr(batching, "_count_frames", no_counting)
     again = tile_voxel_counts(paths, 0.05)  # from the caches beside the tile files
-    assert all(np.array_equal(a, b) for a, b in zip(again, counts))
+    assert all(np.array_equal(a, b) for a, b in zip(again, counts, strict=True))
     stat = os.stat(paths[0])
     os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # a rewritten tile file
     with pytest.raises(AssertionError, match="counted again"):

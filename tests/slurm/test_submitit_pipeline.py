@@ -50,7 +50,7 @@ def test_sweep_runs_as_preprocessing_arrays_one_ddp_array_job_and_dependent_fusi
     sweep_script = scripts[sweep_job]
     assert sbatch_option(sweep_script, "array").startswith("0-1") and sbatch_option(sweep_script, "nodes") == "2"
     assert sbatch_option(sweep_script, "dependency") == f"afterok:{synth}:{arrays['block']}:{arrays['hilbert']}"
-    for sampling, array in arrays.items():
+    for array in arrays.values():
         assert sbatch_option(scripts[array], "dependency") == f"afterok:{synth}"
         assert sbatch_option(scripts[array], "array").startswith("0-1")  # 00 and 08: one unit each
     records: dict[str, list[dict[str, str]]] = {}  # job name -> its finished records (one per array task)
