@@ -95,16 +95,13 @@ def _job_points(sweep: Path) -> list[tuple[str, str, int | None, Path]]:
 
 
 def _output_folder(cfg) -> str:
-    """The job's folder below ``<run_dir>/infer/``, ``<fusion>[-tta<views>][-lowest]`` as the stages name
-    it; a config without ``infer.tta`` predates test-time augmentation and used ``<fusion>``."""
+    """The job's folder below ``<run_dir>/infer/`` as the stages name it; a config without ``infer.tta``
+    predates test-time augmentation: one view."""
     from omegaconf import OmegaConf
 
-    from scalept.shards import fusion_output_dir
+    from scalept.shards import output_folder_name
 
-    tta = OmegaConf.select(cfg, "infer.tta")
-    if tta is None:
-        return str(cfg.fusion.name)
-    return fusion_output_dir(OmegaConf.create({"run_dir": ".", "fusion": cfg.fusion, "infer": {"tta": tta}})).name
+    return output_folder_name(cfg.fusion, OmegaConf.select(cfg, "infer.tta") or {"rotations": [0], "flip": False})
 
 
 def _resolve(run_dir: Path, hydra_dir: Path, sweep: Path) -> Path:

@@ -82,21 +82,26 @@ def tta_label(tta: Mapping) -> str | None:
     return ",".join(str(int(r)) for r in tta["rotations"]) + ("+flip" if tta["flip"] else "")
 
 
+def output_folder_name(fusion: Mapping, tta: Mapping) -> str:
+    """``<fusion.name>[-tta<views>][-lowest]``: the folder below ``<run_dir>/infer/`` of a fusion's
+    outputs. Test-time augmentation gets a folder of its own, so runs with and without it compare;
+    the lowest-H variant of mc_uncertainty writes beside the shards it reuses."""
+    label = tta_label(tta)
+    name = str(fusion["name"]) + ("" if label is None else "-tta" + label.replace(",", "-").replace("+flip", "f"))
+    return f"{name}-lowest" if fusion["name"] == "mc_uncertainty" and fusion.get("weighting") == "lowest" else name
+
+
 def shard_dir(cfg: DictConfig) -> Path:
-    """``<run_dir>/infer/<fusion.name>[-tta<views>]``: this fusion's shards (and, for most fusions, its fused
-    outputs); test-time augmentation gets a folder of its own, so runs with and without it compare."""
+    """``<run_dir>/infer/<fusion.name>[-tta<views>]``: this fusion's shards (and, for most fusions, its
+    fused outputs)."""
     shard_kind(str(cfg.fusion.name))
-    label = tta_label(cfg.infer.tta)
-    suffix = "" if label is None else "-tta" + label.replace(",", "-").replace("+flip", "f")
-    return Path(cfg.run_dir) / "infer" / f"{cfg.fusion.name}{suffix}"
+    return Path(cfg.run_dir) / "infer" / output_folder_name({"name": cfg.fusion.name}, cfg.infer.tta)
 
 
 def fusion_output_dir(cfg: DictConfig) -> Path:
     """Where the fused outputs go: the shards' folder, or ``<name>-lowest`` for the lowest-H variant."""
-    base = shard_dir(cfg)
-    if cfg.fusion.name == "mc_uncertainty" and cfg.fusion.get("weighting") == "lowest":
-        return base.with_name(f"{base.name}-lowest")
-    return base
+    shard_kind(str(cfg.fusion.name))
+    return Path(cfg.run_dir) / "infer" / output_folder_name(cfg.fusion, cfg.infer.tta)
 
 
 def predicted_sequences(cfg: DictConfig) -> list[str]:

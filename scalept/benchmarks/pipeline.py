@@ -230,8 +230,8 @@ def main(argv=None) -> dict:
                      "tta_rotations": args.tta_rotations}
     with tempfile.TemporaryDirectory() as tmp:
         base = [f"data_dir={tmp}", f"model={model}", f"train={train}", f"infer.batch_points={args.batch_points}",
-                f"infer.num_workers={args.workers}", "infer.frames_per_chunk=4", f"infer.tta.rotations=[{args.tta_rotations}]",
-                f"run_dir={tmp}/runs/${{sampling.name}}"]
+                f"infer.num_workers={args.workers}", "infer.frames_per_chunk=4",
+                f"infer.tta.rotations=[{args.tta_rotations}]", f"run_dir={tmp}/runs/${{sampling.name}}"]
         if args.real:
             from scalept.data.semantickitti import Sequence, list_sequences
 

@@ -128,7 +128,8 @@ def test_small_gpu_preset_composes_and_trains_on_cpu(data_dir, tmp_path, compose
     cfg = compose_cfg("train=small_gpu", "model=ptv3_tiny", "stage=train", f"data_dir={data_dir}",
                       f"run_dir={tmp_path}", "dataset.synthetic.frames_per_sequence=4",
                       "dataset.synthetic.azimuth_steps=200", "dataset.splits.train=[00]", "dataset.splits.val=[]",
-                      "sampling=hilbert", "sampling.max_points=2500", "sampling.overlap=500", "train.max_steps=1", "train.num_workers=0")
+                      "sampling=hilbert", "sampling.max_points=2500", "sampling.overlap=500", "train.max_steps=1",
+                      "train.num_workers=0")
     assert cfg.train.checkpoint_levels == 5 and train._model_config(cfg)["checkpoint_levels"] == 5
     torch.set_num_threads(2)
     result = train.run(cfg)
