@@ -347,7 +347,9 @@ def _predict(cfg: DictConfig, rank: int, world_size: int) -> dict:
                "frames_predicted": frames, "tiles_predicted": tiles, "points_predicted": points,
                "seconds": elapsed, "phase_seconds": phase_s, "files": sorted(p.name for p in done),
                "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}
-    _write_json(out_dir / f"shard-{rank:03d}.json", summary)
+    summary_path = out_dir / f"shard-{rank:03d}.json"
+    if todo or not summary_path.exists():  # a rerun with nothing left keeps the timings of the run that predicted
+        _write_json(summary_path, summary)
     log.info("infer: rank %d predicted %d frames (%d tiles, %d points) in %.1f s (%.2f frames/s); shards in %s",
              rank, frames, tiles, points, elapsed, frames / elapsed if elapsed else 0.0, out_dir)
     barrier()

@@ -2,6 +2,8 @@
 checkpoint errors."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,8 @@ def test_rerun_skips_finished_chunks_whatever_the_world_size(block_tiles):
     # a rerun with another world size finds every chunk done
     again = infer.run(cfg, rank=0, world_size=1)
     assert again["chunks_predicted"] == 0 and again["chunks"] == 3
+    # ... and leaves the timings of the run that predicted (the study's analysis reports them)
+    assert json.loads((out / "shard-000.json").read_text())["chunks_predicted"] == 2
     # a crash lost one chunk: only that one is predicted again
     (out / "shard-001-08-000001-000002.h5").unlink()
     redo = infer.run(cfg, rank=0, world_size=1)
