@@ -108,9 +108,9 @@ def _bars(evaluations: list[dict], key: str, ylabel: str, path: Path) -> Path:
         ax.set_ylabel(ylabel)
         ax.set_title(f"label fraction {fraction:g}")
         ax.axhline(0, color="black", linewidth=0.5)
-        ax.legend(fontsize=7, ncol=3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
